@@ -1,0 +1,302 @@
+//! The one configuration file, read with hcl-rs, plus environment overrides.
+//!
+//! Every setting has a default that works on a laptop, so an empty (or
+//! missing) file is a valid configuration. Precedence, lowest first: built-in
+//! default, the HCL file (`COMFY_MULTI_CONFIG`), the environment variable named
+//! next to each field. The README lists them all.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Which executor runs jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecutorKind {
+    /// gpu-task as a local child process per job (single machine).
+    Local,
+    /// A dispatch of the parameterized Nomad job per job.
+    Nomad,
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// `REDIS_URL`: where jobs and the queue live.
+    pub redis_url: String,
+    /// `DATA_DIR`: outputs, inputs and generated secrets live under it.
+    pub data_dir: PathBuf,
+    pub gateway: GatewayConfig,
+    pub dispatcher: DispatcherConfig,
+    pub nomad: NomadConfig,
+    pub consul: ConsulConfig,
+}
+
+/// Settings of the gateway.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// `GATEWAY_LISTEN`: address and port to listen on.
+    pub listen: String,
+    /// `PARTICIPANTS`: participants 1..=N get an access code on first start.
+    pub participants: u32,
+    /// `MAX_WORKFLOW_BYTES`: the largest prompt request body accepted.
+    pub max_workflow_bytes: usize,
+    /// `MAX_OUTPUT_BYTES`: the largest output file gpu-task may upload.
+    pub max_output_bytes: usize,
+    /// `ADMIN_TOKEN`: the instructor's token. Generated into
+    /// `<data_dir>/secrets/admin-token` on first start when unset.
+    pub admin_token: Option<String>,
+    /// `INTERNAL_SECRET`: shared by the gateway and gpu-task. Generated into
+    /// `<data_dir>/secrets/internal-secret` on first start when unset.
+    pub internal_secret: Option<String>,
+}
+
+/// Settings of the dispatcher.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DispatcherConfig {
+    /// `EXECUTOR`: `local` or `nomad`.
+    pub executor: ExecutorKind,
+    /// `SLOTS`: jobs in flight at most (the number of GPUs).
+    pub slots: usize,
+    /// `GPU_TASK_BIN`: the gpu-task program the local executor runs.
+    pub gpu_task_bin: PathBuf,
+    /// `WORK_DIR`: where the local executor makes each job's task dir.
+    pub work_dir: Option<PathBuf>,
+}
+
+/// How to reach Nomad.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NomadConfig {
+    /// `NOMAD_ADDR`
+    pub addr: String,
+    /// `NOMAD_TOKEN`: an ACL token, when ACLs are on.
+    pub token: Option<String>,
+    /// `NOMAD_JOB`: the parameterized job to dispatch.
+    pub job: String,
+}
+
+/// How to reach Consul.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConsulConfig {
+    /// `CONSUL_HTTP_ADDR`
+    pub addr: String,
+    /// `CONSUL_HTTP_TOKEN`
+    pub token: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            redis_url: "redis://127.0.0.1:6379".into(),
+            data_dir: PathBuf::from("data"),
+            gateway: GatewayConfig::default(),
+            dispatcher: DispatcherConfig::default(),
+            nomad: NomadConfig::default(),
+            consul: ConsulConfig::default(),
+        }
+    }
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            listen: "127.0.0.1:8080".into(),
+            participants: 20,
+            max_workflow_bytes: 2 * 1024 * 1024,
+            max_output_bytes: 512 * 1024 * 1024,
+            admin_token: None,
+            internal_secret: None,
+        }
+    }
+}
+
+impl Default for DispatcherConfig {
+    fn default() -> Self {
+        DispatcherConfig {
+            executor: ExecutorKind::Local,
+            slots: 1,
+            gpu_task_bin: PathBuf::from("gpu-task"),
+            work_dir: None,
+        }
+    }
+}
+
+impl Default for NomadConfig {
+    fn default() -> Self {
+        NomadConfig {
+            addr: "http://127.0.0.1:4646".into(),
+            token: None,
+            job: crate::contract::NOMAD_JOB.into(),
+        }
+    }
+}
+
+impl Default for ConsulConfig {
+    fn default() -> Self {
+        ConsulConfig { addr: "http://127.0.0.1:8500".into(), token: None }
+    }
+}
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is not valid: {source}")]
+    Parse { path: PathBuf, source: hcl::Error },
+    #[error("environment variable {var}={value:?} is not valid: {why}")]
+    Env { var: &'static str, value: String, why: String },
+}
+
+impl Config {
+    /// Loads the file named by `path` (or by `COMFY_MULTI_CONFIG`; none is
+    /// fine), then applies the environment.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let from_env = std::env::var_os("COMFY_MULTI_CONFIG").map(PathBuf::from);
+        let mut config = match path.map(Path::to_path_buf).or(from_env) {
+            Some(path) => Config::from_file(&path)?,
+            None => Config::default(),
+        };
+        config.apply_env(|k| std::env::var(k).ok())?;
+        Ok(config)
+    }
+
+    /// Parses one HCL file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        hcl::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })
+    }
+
+    /// Applies environment overrides read through `get`.
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        fn parse<T: std::str::FromStr>(var: &'static str, value: String) -> Result<T, ConfigError>
+        where
+            T::Err: std::fmt::Display,
+        {
+            value.parse().map_err(|e: T::Err| ConfigError::Env { var, value, why: e.to_string() })
+        }
+        if let Some(v) = get("REDIS_URL") {
+            self.redis_url = v;
+        }
+        if let Some(v) = get("DATA_DIR") {
+            self.data_dir = v.into();
+        }
+        if let Some(v) = get("GATEWAY_LISTEN") {
+            self.gateway.listen = v;
+        }
+        if let Some(v) = get("PARTICIPANTS") {
+            self.gateway.participants = parse("PARTICIPANTS", v)?;
+        }
+        if let Some(v) = get("MAX_WORKFLOW_BYTES") {
+            self.gateway.max_workflow_bytes = parse("MAX_WORKFLOW_BYTES", v)?;
+        }
+        if let Some(v) = get("MAX_OUTPUT_BYTES") {
+            self.gateway.max_output_bytes = parse("MAX_OUTPUT_BYTES", v)?;
+        }
+        if let Some(v) = get("ADMIN_TOKEN") {
+            self.gateway.admin_token = Some(v);
+        }
+        if let Some(v) = get("INTERNAL_SECRET") {
+            self.gateway.internal_secret = Some(v);
+        }
+        if let Some(v) = get("EXECUTOR") {
+            self.dispatcher.executor = match v.as_str() {
+                "local" => ExecutorKind::Local,
+                "nomad" => ExecutorKind::Nomad,
+                _ => {
+                    return Err(ConfigError::Env {
+                        var: "EXECUTOR",
+                        value: v,
+                        why: "expected `local` or `nomad`".into(),
+                    })
+                }
+            };
+        }
+        if let Some(v) = get("SLOTS") {
+            self.dispatcher.slots = parse("SLOTS", v)?;
+        }
+        if let Some(v) = get("GPU_TASK_BIN") {
+            self.dispatcher.gpu_task_bin = v.into();
+        }
+        if let Some(v) = get("WORK_DIR") {
+            self.dispatcher.work_dir = Some(v.into());
+        }
+        if let Some(v) = get("NOMAD_ADDR") {
+            self.nomad.addr = v;
+        }
+        if let Some(v) = get("NOMAD_TOKEN") {
+            self.nomad.token = Some(v);
+        }
+        if let Some(v) = get("NOMAD_JOB") {
+            self.nomad.job = v;
+        }
+        if let Some(v) = get("CONSUL_HTTP_ADDR") {
+            self.consul.addr = with_scheme(v);
+        }
+        if let Some(v) = get("CONSUL_HTTP_TOKEN") {
+            self.consul.token = Some(v);
+        }
+        if self.dispatcher.slots == 0 {
+            return Err(ConfigError::Env {
+                var: "SLOTS",
+                value: "0".into(),
+                why: "at least one slot is needed to run anything".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Consul's own tools accept `CONSUL_HTTP_ADDR` without a scheme.
+fn with_scheme(addr: String) -> String {
+    if addr.starts_with("http://") || addr.starts_with("https://") {
+        addr
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        let c: Config = hcl::from_str("").unwrap();
+        assert_eq!(c.gateway.participants, 20);
+        assert_eq!(c.dispatcher.executor, ExecutorKind::Local);
+    }
+
+    #[test]
+    fn file_then_env() {
+        let mut c: Config = hcl::from_str(
+            r#"
+            redis_url = "redis://10.0.0.1:6379"
+            dispatcher {
+              executor = "nomad"
+              slots    = 2
+            }
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.dispatcher.slots, 2);
+        assert_eq!(c.dispatcher.executor, ExecutorKind::Nomad);
+        c.apply_env(|k| (k == "SLOTS").then(|| "4".to_string())).unwrap();
+        assert_eq!(c.dispatcher.slots, 4);
+        assert_eq!(c.redis_url, "redis://10.0.0.1:6379");
+    }
+
+    #[test]
+    fn bad_values_say_which() {
+        let mut c = Config::default();
+        let err = c.apply_env(|k| (k == "EXECUTOR").then(|| "k8s".to_string())).unwrap_err();
+        assert!(err.to_string().contains("EXECUTOR"), "{err}");
+        assert!(hcl::from_str::<Config>("slotz = 3").is_err());
+    }
+}

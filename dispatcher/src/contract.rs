@@ -1,0 +1,104 @@
+//! Names shared across process boundaries.
+//!
+//! The Nomad job spec (`nomad/comfy-workflow.nomad.hcl`), gpu-task, the gateway
+//! and the dispatcher all agree on these. A test parses the job spec and checks
+//! it against the constants here, so they cannot drift apart.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Name of the parameterized Nomad batch job that runs one workflow.
+pub const NOMAD_JOB: &str = "comfy-workflow";
+/// Name of the task inside [`NOMAD_JOB`] that runs gpu-task.
+pub const NOMAD_TASK: &str = "gpu-task";
+
+/// Dispatch meta key: the comfy-multi job id (also the idempotency token).
+pub const META_JOB_ID: &str = "job_id";
+/// Dispatch meta key: the participant's number.
+pub const META_USER_ID: &str = "user_id";
+/// Dispatch meta key: the job's priority tier (optional).
+pub const META_PRIORITY: &str = "priority";
+/// Meta keys that every dispatch must carry (`meta_required`).
+pub const META_REQUIRED: [&str; 2] = [META_JOB_ID, META_USER_ID];
+/// Meta keys a dispatch may carry (`meta_optional`).
+pub const META_OPTIONAL: [&str; 1] = [META_PRIORITY];
+
+/// File name (inside the task's `local/` dir) Nomad writes the payload to.
+pub const PAYLOAD_FILE: &str = "workflow.json";
+/// Nomad refuses payloads larger than this many bytes (after base64 decoding).
+pub const NOMAD_PAYLOAD_LIMIT: usize = 16 * 1024;
+
+/// Consul service name of the warm ComfyUI on the GPU node.
+pub const CONSUL_COMFYUI_SERVICE: &str = "comfyui";
+/// Consul service name of the gateway (what gpu-task calls back).
+pub const CONSUL_GATEWAY_SERVICE: &str = "comfy-gateway";
+
+/// Header carrying the shared secret on every internal API call
+/// (`Authorization: Bearer <secret>` is accepted too).
+pub const INTERNAL_SECRET_HEADER: &str = "x-comfy-multi-secret";
+
+/// Paths of the gateway's internal API, used by gpu-task. Participants never
+/// reach these: every call must carry the shared secret.
+pub mod internal {
+    /// Prefix of every internal route.
+    pub const PREFIX: &str = "/_internal";
+
+    /// `GET`: the job's [`super::WorkflowPayload`].
+    pub fn workflow(job: &str) -> String {
+        format!("{PREFIX}/jobs/{job}/workflow")
+    }
+    /// `POST`: gpu-task has started working on the job (moves it to `running`).
+    pub fn started(job: &str) -> String {
+        format!("{PREFIX}/jobs/{job}/started")
+    }
+    /// `POST` a ComfyUI websocket message (`{type, data}`) to relay to the user.
+    pub fn events(job: &str) -> String {
+        format!("{PREFIX}/jobs/{job}/events")
+    }
+    /// `PUT` one output file's bytes; query [`super::OutputQuery`]. Idempotent.
+    pub fn outputs(job: &str) -> String {
+        format!("{PREFIX}/jobs/{job}/outputs")
+    }
+    /// `POST` the final [`super::Finished`] report.
+    pub fn finished(job: &str) -> String {
+        format!("{PREFIX}/jobs/{job}/finished")
+    }
+}
+
+/// What gpu-task runs: the dispatch payload, or the answer of
+/// [`internal::workflow`] when the payload would exceed Nomad's limit.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WorkflowPayload {
+    /// The workflow in ComfyUI's API ("prompt") format.
+    pub prompt: Value,
+    /// ComfyUI's `extra_data` (e.g. `extra_pnginfo`), passed through to `/prompt`.
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub extra_data: Value,
+}
+
+/// Query of an output upload: where the file belongs in ComfyUI's history.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct OutputQuery {
+    /// The node id that produced it.
+    pub node: String,
+    /// The kind of output in ComfyUI's `executed` message (`images`, `gifs`, `audio`, ...).
+    pub kind: String,
+    /// The file name ComfyUI gave it.
+    pub filename: String,
+    /// Its position within the node's outputs of that kind.
+    #[serde(default)]
+    pub index: u32,
+}
+
+/// gpu-task's final report on a job.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Finished {
+    /// `true` when ComfyUI ran the whole prompt and every output was uploaded.
+    pub success: bool,
+    /// One line saying why, when it did not succeed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// ComfyUI's history `status.messages` for the prompt, if it gave any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub messages: Vec<Value>,
+}

@@ -1,0 +1,37 @@
+//! comfy-multi's shared model, and the engine behind the `dispatcher` CLI.
+//!
+//! Every other part (the gateway, gpu-task, the test equipment) builds on this
+//! crate, so that a job, its states and its storage are defined exactly once.
+//!
+//! # Layout
+//!
+//! - [`contract`]: names that other programs rely on: the Nomad job's meta keys
+//!   and payload file, the internal API that gpu-task calls on the gateway, and
+//!   the Consul service names. Changing one means changing every user.
+//! - [`job`]: the job record and its state machine (`queued → dispatched →
+//!   running → succeeded | failed | cancelled`, plus requeue). Every state
+//!   change in the system is checked here.
+//! - [`policy`]: which queued job goes next. FIFO today; the seam where fair
+//!   share and priority plug in.
+//! - [`queue`]: Redis storage of jobs and of the queue, with the atomic
+//!   operations (Lua) that keep concurrent gateways and dispatchers honest.
+//! - [`config`]: the one HCL configuration file, with environment overrides and
+//!   laptop-friendly defaults.
+//! - [`nomad`]: a small client for the parts of Nomad's HTTP API we use.
+//! - [`consul`]: finding healthy services (the warm ComfyUI, the gateway).
+//! - [`executor`]: how a job is actually run: as a dispatched Nomad job, or as
+//!   a local child process; both behind one trait.
+//! - [`run`]: the dispatch loop: keep at most `slots` jobs in flight, follow
+//!   each to its end, and make sure every job ends in a terminal state.
+
+pub mod config;
+pub mod consul;
+pub mod contract;
+pub mod executor;
+pub mod job;
+pub mod nomad;
+pub mod policy;
+pub mod queue;
+pub mod run;
+
+pub use job::{Job, JobId, JobState};
