@@ -1,1 +1,428 @@
-//! placeholder (being written)
+//! Redis storage of jobs and of the queue.
+//!
+//! Everything that must not be torn by a crash or a concurrent writer is one
+//! Lua script, so it runs atomically in Redis: submitting (number + record +
+//! queue entry), taking the next job (pop + mark dispatched), changing a state
+//! (compare-and-set against [`JobState::sources`]), attaching an output
+//! (only while the job is in flight, once per file).
+//!
+//! # Schema
+//!
+//! | key | type | what |
+//! | --- | --- | --- |
+//! | `cm:seq` | string | last submission number |
+//! | `cm:job:<id>` | hash | the job record (JSON blobs for workflow, extra_data, messages) |
+//! | `cm:job:<id>:outputs` | hash | `node \t kind \t index` → `{filename, subfolder, type}` |
+//! | `cm:queue` | zset | queued job ids, scored by the [`Policy`] |
+//! | `cm:inflight` | set | dispatched or running job ids |
+//! | `cm:user:<n>:jobs` | zset | every job of user n, by number |
+//! | `cm:wake` | channel | published on every submit and requeue, so dispatchers wake |
+//! | `cm:events:<n>` | channel | progress events for user n's open editors |
+
+use std::collections::BTreeMap;
+
+use redis::aio::ConnectionManager;
+use redis::{AsyncCommands, Script};
+use serde_json::Value;
+
+use crate::job::{now_ms, FileRef, Job, JobId, JobState, Outputs};
+use crate::policy::Policy;
+
+/// Channel dispatchers subscribe to, to learn of new work at once.
+pub const WAKE_CHANNEL: &str = "cm:wake";
+
+/// Why a queue operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("Redis error ({0}); is Redis running and REDIS_URL right?")]
+    Redis(#[from] redis::RedisError),
+    #[error("job {0} does not exist")]
+    NotFound(JobId),
+    #[error("job {id} is {from}; it cannot become {to}")]
+    Transition { id: JobId, from: JobState, to: JobState },
+    #[error("job {id} is stored damaged: {why}")]
+    Corrupt { id: JobId, why: String },
+}
+
+/// What a participant submits.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub user: u32,
+    pub workflow: Value,
+    pub extra_data: Value,
+    pub priority: i64,
+}
+
+/// Fields to change together with a state transition.
+#[derive(Debug, Clone, Default)]
+pub struct Patch {
+    pub error: Option<String>,
+    pub executor_ref: Option<String>,
+    pub messages: Option<Vec<Value>>,
+}
+
+/// Handle on the Redis store. Cheap to clone; reconnects by itself.
+#[derive(Clone)]
+pub struct Store {
+    conn: ConnectionManager,
+    client: redis::Client,
+    policy: Policy,
+}
+
+fn job_key(id: &JobId) -> String {
+    format!("cm:job:{id}")
+}
+fn outputs_key(id: &JobId) -> String {
+    format!("cm:job:{id}:outputs")
+}
+fn user_key(user: u32) -> String {
+    format!("cm:user:{user}:jobs")
+}
+/// Channel of user `n`'s progress events.
+pub fn events_channel(user: u32) -> String {
+    format!("cm:events:{user}")
+}
+const QUEUE: &str = "cm:queue";
+const INFLIGHT: &str = "cm:inflight";
+const SEQ: &str = "cm:seq";
+
+const SUBMIT_LUA: &str = r#"
+local n = redis.call('INCR', KEYS[1])
+redis.call('HSET', KEYS[2], 'number', n, 'state', 'queued')
+for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+redis.call('ZADD', KEYS[3], n, ARGV[1])
+redis.call('ZADD', KEYS[4], n, ARGV[1])
+redis.call('PUBLISH', 'cm:wake', ARGV[1])
+return n
+"#;
+
+const TRANSITION_LUA: &str = r#"
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return {0, ''} end
+local allowed = false
+for s in string.gmatch(ARGV[3], '[^,]+') do if s == state then allowed = true end end
+if not allowed then return {0, state} end
+redis.call('HSET', KEYS[1], 'state', ARGV[1])
+for i = 5, #ARGV, 2 do
+  if ARGV[i + 1] == '' then redis.call('HDEL', KEYS[1], ARGV[i])
+  else redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+end
+local to = ARGV[1]
+if to == 'queued' then
+  redis.call('ZADD', KEYS[2], redis.call('HGET', KEYS[1], 'number'), ARGV[4])
+  redis.call('SREM', KEYS[3], ARGV[4])
+  redis.call('PUBLISH', 'cm:wake', ARGV[4])
+elseif to == 'dispatched' or to == 'running' then
+  redis.call('ZREM', KEYS[2], ARGV[4])
+  redis.call('SADD', KEYS[3], ARGV[4])
+else
+  redis.call('ZREM', KEYS[2], ARGV[4])
+  redis.call('SREM', KEYS[3], ARGV[4])
+end
+return {1, state}
+"#;
+
+const ADD_OUTPUT_LUA: &str = r#"
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'dispatched' and state ~= 'running' then return {0, state or ''} end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+return {1, state}
+"#;
+
+impl Store {
+    /// Connects to Redis at `url` (the connection is re-established by itself
+    /// after a Redis restart).
+    pub async fn connect(url: &str) -> Result<Store, QueueError> {
+        let client = redis::Client::open(url)?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(std::time::Duration::from_secs(5)))
+            .set_response_timeout(Some(std::time::Duration::from_secs(10)));
+        let conn = ConnectionManager::new_with_config(client.clone(), config).await?;
+        Ok(Store { conn, client, policy: Policy::default() })
+    }
+
+    /// The underlying client, for pub/sub connections.
+    pub fn client(&self) -> &redis::Client {
+        &self.client
+    }
+
+    /// Queues a new job and returns it.
+    pub async fn submit(&self, new: NewJob) -> Result<Job, QueueError> {
+        let id = JobId::new_v4();
+        let created_at = now_ms();
+        let fields: Vec<(&str, String)> = vec![
+            ("id", id.to_string()),
+            ("user", new.user.to_string()),
+            ("workflow", new.workflow.to_string()),
+            ("extra_data", new.extra_data.to_string()),
+            ("priority", new.priority.to_string()),
+            ("created_at", created_at.to_string()),
+            ("attempts", "0".into()),
+        ];
+        let script = Script::new(SUBMIT_LUA);
+        let mut inv = script.prepare_invoke();
+        inv.key(SEQ).key(job_key(&id)).key(QUEUE).key(user_key(new.user)).arg(id.to_string());
+        for (k, v) in &fields {
+            inv.arg(*k).arg(v);
+        }
+        let number: u64 = inv.invoke_async(&mut self.conn.clone()).await?;
+        Ok(Job {
+            id,
+            user: new.user,
+            number,
+            workflow: new.workflow,
+            extra_data: new.extra_data,
+            state: JobState::Queued,
+            priority: new.priority,
+            created_at,
+            dispatched_at: None,
+            started_at: None,
+            finished_at: None,
+            outputs: Outputs::new(),
+            error: None,
+            attempts: 0,
+            executor_ref: None,
+            messages: Vec::new(),
+        })
+    }
+
+    /// The job, or `None` if there is no such job.
+    pub async fn get(&self, id: &JobId) -> Result<Option<Job>, QueueError> {
+        let mut conn = self.conn.clone();
+        let (fields, outputs): (BTreeMap<String, String>, BTreeMap<String, String>) = redis::pipe()
+            .hgetall(job_key(id))
+            .hgetall(outputs_key(id))
+            .query_async(&mut conn)
+            .await?;
+        if fields.is_empty() {
+            return Ok(None);
+        }
+        decode_job(id, fields, outputs).map(Some)
+    }
+
+    /// Atomically takes the next job in policy order and marks it dispatched.
+    pub async fn pop_next(&self) -> Result<Option<Job>, QueueError> {
+        let lua = format!(
+            "local function pick()\n{}\nend\n{}",
+            self.policy.pick_lua(),
+            r#"
+while true do
+  local id = pick()
+  if not id then return false end
+  redis.call('ZREM', KEYS[1], id)
+  local key = ARGV[2] .. id
+  if redis.call('HGET', key, 'state') == 'queued' then
+    redis.call('HSET', key, 'state', 'dispatched', 'dispatched_at', ARGV[1])
+    redis.call('HINCRBY', key, 'attempts', 1)
+    redis.call('SADD', KEYS[2], id)
+    return id
+  end
+end"#
+        );
+        let id: Option<String> = Script::new(&lua)
+            .key(QUEUE)
+            .key(INFLIGHT)
+            .arg(now_ms())
+            .arg("cm:job:")
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        match id {
+            None => Ok(None),
+            Some(id) => {
+                let id: JobId = id
+                    .parse()
+                    .map_err(|e| QueueError::Corrupt { id: JobId::nil(), why: format!("queue entry {id:?}: {e}") })?;
+                self.get(&id).await?.ok_or(QueueError::NotFound(id)).map(Some)
+            }
+        }
+    }
+
+    /// Moves job `id` to `to`, if the state machine allows it from the state
+    /// it is in; sets the patch's fields and the matching timestamp in the
+    /// same atomic step. Returns the state it left.
+    pub async fn transition(&self, id: &JobId, to: JobState, patch: Patch) -> Result<JobState, QueueError> {
+        let sources: Vec<&str> = JobState::sources(to).into_iter().map(JobState::as_str).collect();
+        let now = now_ms().to_string();
+        let mut fields: Vec<(&str, String)> = Vec::new();
+        match to {
+            JobState::Dispatched => fields.push(("dispatched_at", now)),
+            JobState::Running => fields.push(("started_at", now)),
+            JobState::Queued => {
+                fields.push(("dispatched_at", String::new()));
+                fields.push(("started_at", String::new()));
+                fields.push(("executor_ref", String::new()));
+            }
+            _ => fields.push(("finished_at", now)),
+        }
+        if let Some(e) = patch.error {
+            fields.push(("error", one_line(&e)));
+        }
+        if let Some(r) = patch.executor_ref {
+            fields.push(("executor_ref", r));
+        }
+        if let Some(m) = patch.messages {
+            fields.push(("messages", Value::Array(m).to_string()));
+        }
+        let script = Script::new(TRANSITION_LUA);
+        let mut inv = script.prepare_invoke();
+        inv.key(job_key(id))
+            .key(QUEUE)
+            .key(INFLIGHT)
+            .arg(to.as_str())
+            .arg(now_ms())
+            .arg(sources.join(","))
+            .arg(id.to_string());
+        for (k, v) in &fields {
+            inv.arg(*k).arg(v);
+        }
+        let (ok, from): (i64, String) = inv.invoke_async(&mut self.conn.clone()).await?;
+        if from.is_empty() {
+            return Err(QueueError::NotFound(*id));
+        }
+        let from: JobState = from
+            .parse()
+            .map_err(|e: crate::job::UnknownState| QueueError::Corrupt { id: *id, why: e.to_string() })?;
+        if ok == 1 {
+            Ok(from)
+        } else {
+            Err(QueueError::Transition { id: *id, from, to })
+        }
+    }
+
+    /// Records where the executor runs the job (the Nomad child id), without
+    /// changing its state.
+    pub async fn set_executor_ref(&self, id: &JobId, executor_ref: &str) -> Result<(), QueueError> {
+        let mut conn = self.conn.clone();
+        let _: () = conn.hset(job_key(id), "executor_ref", executor_ref).await?;
+        Ok(())
+    }
+
+    /// Attaches one output file to an in-flight job. The same (node, kind,
+    /// index) twice is stored once. Returns `false` if the job is not in
+    /// flight any more (the output is then not recorded).
+    pub async fn add_output(
+        &self,
+        id: &JobId,
+        node: &str,
+        kind: &str,
+        index: u32,
+        file: &FileRef,
+    ) -> Result<bool, QueueError> {
+        let field = format!("{node}\t{kind}\t{index:010}");
+        let value = serde_json::to_string(file).expect("FileRef serializes");
+        let (ok, state): (i64, String) = Script::new(ADD_OUTPUT_LUA)
+            .key(job_key(id))
+            .key(outputs_key(id))
+            .arg(field)
+            .arg(value)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        if state.is_empty() {
+            return Err(QueueError::NotFound(*id));
+        }
+        Ok(ok == 1)
+    }
+
+    /// User `user`'s jobs, newest first, at most `limit`.
+    pub async fn user_jobs(&self, user: u32, limit: usize) -> Result<Vec<Job>, QueueError> {
+        let mut conn = self.conn.clone();
+        let ids: Vec<String> = conn.zrevrange(user_key(user), 0, limit.max(1) as isize - 1).await?;
+        let mut jobs = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Ok(id) = id.parse::<JobId>() {
+                if let Some(job) = self.get(&id).await? {
+                    jobs.push(job);
+                }
+            }
+        }
+        Ok(jobs)
+    }
+
+    /// Number of queued jobs.
+    pub async fn queued_count(&self) -> Result<u64, QueueError> {
+        Ok(self.conn.clone().zcard(QUEUE).await?)
+    }
+
+    /// Ids of the jobs that are dispatched or running.
+    pub async fn inflight(&self) -> Result<Vec<JobId>, QueueError> {
+        let ids: Vec<String> = self.conn.clone().smembers(INFLIGHT).await?;
+        Ok(ids.iter().filter_map(|s| s.parse().ok()).collect())
+    }
+
+    /// Publishes a progress event to user `user`'s editors.
+    pub async fn publish_event(&self, user: u32, event: &Value) -> Result<(), QueueError> {
+        let _: i64 = self.conn.clone().publish(events_channel(user), event.to_string()).await?;
+        Ok(())
+    }
+
+    /// Whether Redis answers.
+    pub async fn ping(&self) -> bool {
+        redis::cmd("PING").query_async::<String>(&mut self.conn.clone()).await.is_ok()
+    }
+}
+
+/// Errors are shown in one line (history, admin page, CLI).
+fn one_line(s: &str) -> String {
+    let line = s.split_whitespace().collect::<Vec<_>>().join(" ");
+    if line.is_empty() {
+        "unknown error".into()
+    } else {
+        line
+    }
+}
+
+fn decode_job(
+    id: &JobId,
+    mut f: BTreeMap<String, String>,
+    outputs: BTreeMap<String, String>,
+) -> Result<Job, QueueError> {
+    let corrupt = |why: String| QueueError::Corrupt { id: *id, why };
+    let mut take = |k: &str| f.remove(k);
+    fn num<T: std::str::FromStr>(v: Option<String>, k: &str) -> Result<Option<T>, String> {
+        match v {
+            None => Ok(None),
+            Some(s) if s.is_empty() => Ok(None),
+            Some(s) => s.parse().map(Some).map_err(|_| format!("field {k} = {s:?} is not a number")),
+        }
+    }
+    fn json(v: Option<String>, k: &str) -> Result<Value, String> {
+        match v {
+            None => Ok(Value::Null),
+            Some(s) => serde_json::from_str(&s).map_err(|e| format!("field {k}: {e}")),
+        }
+    }
+    let state = take("state")
+        .ok_or_else(|| corrupt("no state".into()))?
+        .parse::<JobState>()
+        .map_err(|e| corrupt(e.to_string()))?;
+    let user = num(take("user"), "user").map_err(corrupt)?.ok_or_else(|| corrupt("no user".into()))?;
+    let messages = match json(take("messages"), "messages").map_err(corrupt)? {
+        Value::Array(a) => a,
+        _ => Vec::new(),
+    };
+    let mut out = Outputs::new();
+    for (field, value) in outputs {
+        let mut parts = field.splitn(3, '\t');
+        let (Some(node), Some(kind)) = (parts.next(), parts.next()) else { continue };
+        let file: FileRef = serde_json::from_str(&value).map_err(|e| corrupt(format!("output {field:?}: {e}")))?;
+        out.entry(node.to_string()).or_default().entry(kind.to_string()).or_default().push(file);
+    }
+    Ok(Job {
+        id: *id,
+        user,
+        number: num(take("number"), "number").map_err(corrupt)?.unwrap_or(0),
+        workflow: json(take("workflow"), "workflow").map_err(corrupt)?,
+        extra_data: json(take("extra_data"), "extra_data").map_err(corrupt)?,
+        state,
+        priority: num(take("priority"), "priority").map_err(corrupt)?.unwrap_or(0),
+        created_at: num(take("created_at"), "created_at").map_err(corrupt)?.unwrap_or(0),
+        dispatched_at: num(take("dispatched_at"), "dispatched_at").map_err(corrupt)?,
+        started_at: num(take("started_at"), "started_at").map_err(corrupt)?,
+        finished_at: num(take("finished_at"), "finished_at").map_err(corrupt)?,
+        outputs: out,
+        error: take("error").filter(|s| !s.is_empty()),
+        attempts: num(take("attempts"), "attempts").map_err(corrupt)?.unwrap_or(0),
+        executor_ref: take("executor_ref").filter(|s| !s.is_empty()),
+        messages,
+    })
+}
