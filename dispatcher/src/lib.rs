@@ -35,3 +35,11 @@ pub mod queue;
 pub mod run;
 
 pub use job::{Job, JobId, JobState};
+
+/// Logs to stderr through `tracing`; `RUST_LOG` filters (default `info`).
+/// Every comfy-multi binary calls this first.
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}

@@ -1,1 +1,97 @@
-fn main() {}
+//! `gateway`: serves participants and gpu-task.
+//!
+//! `gateway serve` (the default) listens on `gateway.listen`, generates what
+//! is missing on first start (access codes, admin token, internal secret) and
+//! serves until SIGINT/SIGTERM.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use dispatcher::config::Config;
+use dispatcher::queue::Store;
+use gateway::auth::Auth;
+use gateway::files::Files;
+use gateway::state::{AppState, Limits};
+
+#[derive(Parser)]
+#[command(name = "gateway", version, about = "comfy-multi gateway: participants' ComfyUI API and the internal API")]
+struct Cli {
+    /// HCL config file (default: $COMFY_MULTI_CONFIG, else built-in defaults).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve HTTP (the default).
+    Serve,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    dispatcher::init_tracing();
+    let cli = Cli::parse();
+    match serve(cli.config).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gateway: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
+    let config = Config::load(config.as_deref())?;
+    let data_dir = config.data_dir.clone();
+    std::fs::create_dir_all(&data_dir).with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+    let admin_token = gateway::secrets::load_or_create(&data_dir, "admin-token", config.gateway.admin_token.as_deref())
+        .context("cannot read or create the admin token")?;
+    let internal_secret =
+        gateway::secrets::load_or_create(&data_dir, "internal-secret", config.gateway.internal_secret.as_deref())
+            .context("cannot read or create the internal secret")?;
+    let store = Store::connect(&config.redis_url)
+        .await
+        .with_context(|| format!("cannot connect to Redis at {}", config.redis_url))?;
+    let auth_conn = redis::aio::ConnectionManager::new(store.client().clone()).await?;
+    let auth = Auth::new(auth_conn, admin_token, config.gateway.participants);
+    let created = auth.ensure_codes(&data_dir).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    if !created.is_empty() {
+        println!(
+            "generated {} access codes; the instructor's copy is {}",
+            created.len(),
+            gateway::secrets::dir(&data_dir).join("access-codes.txt").display()
+        );
+    }
+    let state = AppState {
+        store,
+        auth,
+        files: Files::new(data_dir),
+        limits: Limits {
+            max_workflow_bytes: config.gateway.max_workflow_bytes,
+            max_output_bytes: config.gateway.max_output_bytes,
+        },
+        internal_secret: Arc::from(internal_secret),
+    };
+    let listener = tokio::net::TcpListener::bind(&config.gateway.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.gateway.listen))?;
+    let addr = listener.local_addr()?;
+    println!("listening on http://{addr}");
+    tracing::info!(%addr, "gateway listening");
+    axum::serve(listener, gateway::app(state)).with_graceful_shutdown(shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,165 @@
+//! The internal API that gpu-task calls (contract: `dispatcher::contract::internal`).
+//!
+//! Participants never reach it: every call must carry the shared secret. The
+//! job id in the path is the comfy-multi job id; ComfyUI's own prompt ids in
+//! relayed messages are rewritten to it, so the editor only ever sees the ids
+//! it was given.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::StatusCode;
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use dispatcher::contract::{self, Finished, OutputQuery, WorkflowPayload, INTERNAL_SECRET_HEADER};
+use dispatcher::job::{FileRef, Job, JobState};
+use dispatcher::queue::{Patch, QueueError};
+use dispatcher::JobId;
+use serde_json::Value;
+
+use crate::auth::{bearer, constant_time_eq};
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// A request that carries the internal secret.
+pub struct Internal;
+
+impl FromRequestParts<AppState> for Internal {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let given = parts
+            .headers
+            .get(INTERNAL_SECRET_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .or_else(|| bearer(parts))
+            .unwrap_or_default();
+        if !given.is_empty() && constant_time_eq(given.as_bytes(), state.internal_secret.as_bytes()) {
+            Ok(Internal)
+        } else {
+            Err(ApiError::Unauthorized(format!(
+                "the internal API needs the shared secret in the {INTERNAL_SECRET_HEADER} header (INTERNAL_SECRET)"
+            )))
+        }
+    }
+}
+
+/// The internal routes.
+pub fn routes(state: &AppState) -> Router<AppState> {
+    let p = contract::internal::PREFIX;
+    Router::new()
+        .route(&format!("{p}/jobs/{{id}}/workflow"), get(workflow))
+        .route(&format!("{p}/jobs/{{id}}/started"), post(started))
+        .route(&format!("{p}/jobs/{{id}}/events"), post(events))
+        .route(
+            &format!("{p}/jobs/{{id}}/outputs"),
+            put(output).layer(axum::extract::DefaultBodyLimit::max(state.limits.max_output_bytes)),
+        )
+        .route(&format!("{p}/jobs/{{id}}/finished"), post(finished))
+}
+
+async fn job(state: &AppState, id: &str) -> Result<Job, ApiError> {
+    let parsed: JobId = id.parse().map_err(|_| ApiError::NotFound(format!("no job {id:?}")))?;
+    state.store.get(&parsed).await?.ok_or_else(|| ApiError::NotFound(format!("no job {id}")))
+}
+
+fn require_in_flight(job: &Job) -> Result<(), ApiError> {
+    if job.state.is_in_flight() {
+        Ok(())
+    } else {
+        Err(ApiError::Conflict(format!("job {} is {}, not in flight", job.id, job.state)))
+    }
+}
+
+/// `GET workflow`: what gpu-task runs when the payload did not fit Nomad's limit.
+async fn workflow(_: Internal, State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<WorkflowPayload>, ApiError> {
+    let job = job(&state, &id).await?;
+    require_in_flight(&job)?;
+    Ok(Json(WorkflowPayload { prompt: job.workflow, extra_data: job.extra_data }))
+}
+
+/// `POST started`: the job is running. Idempotent.
+async fn started(_: Internal, State(state): State<AppState>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+    let job = job(&state, &id).await?;
+    match job.state {
+        JobState::Running => Ok(StatusCode::NO_CONTENT),
+        _ => {
+            state.store.transition(&job.id, JobState::Running, Patch::default()).await?;
+            Ok(StatusCode::NO_CONTENT)
+        }
+    }
+}
+
+/// `POST events`: a ComfyUI websocket message to relay to the user's editors.
+async fn events(
+    _: Internal,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Json(mut message): Json<Value>,
+) -> Result<StatusCode, ApiError> {
+    let job = job(&state, &id).await?;
+    require_in_flight(&job)?;
+    if !message.get("type").is_some_and(Value::is_string) {
+        return Err(ApiError::bad_request("invalid_event", "an event is {\"type\": ..., \"data\": {...}}"));
+    }
+    retag(message.get_mut("data"), &job.id);
+    state.store.publish_event(job.user, &message).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `PUT outputs`: one output file. Idempotent per (node, kind, index).
+async fn output(
+    _: Internal,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<OutputQuery>,
+    body: Bytes,
+) -> Result<StatusCode, ApiError> {
+    let job = job(&state, &id).await?;
+    require_in_flight(&job)?;
+    crate::files::safe_name(&q.kind)?;
+    state.files.store_output(job.user, &job.id, &q.filename, &body).await?;
+    let file = FileRef { filename: q.filename.clone(), subfolder: job.id.to_string(), kind: "output".into() };
+    if state.store.add_output(&job.id, &q.node, &q.kind, q.index, &file).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::Conflict(format!("job {} ended before its output {} arrived", job.id, q.filename)))
+    }
+}
+
+/// `POST finished`: gpu-task's final report.
+async fn finished(
+    _: Internal,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Json(report): Json<Finished>,
+) -> Result<StatusCode, ApiError> {
+    let job = job(&state, &id).await?;
+    let mut messages = report.messages;
+    for m in &mut messages {
+        if let Some(pair) = m.as_array_mut() {
+            retag(pair.get_mut(1), &job.id);
+        }
+    }
+    let (to, error) = if report.success {
+        (JobState::Succeeded, None)
+    } else {
+        (JobState::Failed, Some(report.error.unwrap_or_else(|| "gpu-task reported a failure".into())))
+    };
+    let patch = Patch { error, messages: Some(messages), ..Patch::default() };
+    // A report for a job that already ended the same way is a retry: fine.
+    match state.store.transition(&job.id, to, patch).await {
+        Ok(_) => Ok(StatusCode::NO_CONTENT),
+        Err(QueueError::Transition { from, .. }) if from == to => Ok(StatusCode::NO_CONTENT),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Rewrites ComfyUI's `prompt_id` in a message's data to the job id.
+fn retag(data: Option<&mut Value>, job: &JobId) {
+    if let Some(Value::Object(data)) = data {
+        if data.contains_key("prompt_id") {
+            data.insert("prompt_id".into(), Value::String(job.to_string()));
+        }
+    }
+}

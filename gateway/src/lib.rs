@@ -1,0 +1,53 @@
+//! The comfy-multi gateway: what participants' browsers and gpu-task talk to.
+//!
+//! # Layout
+//!
+//! - [`state`]: the shared application state every handler gets.
+//! - [`secrets`]: the admin token and the internal secret, from the config or
+//!   generated once into the data folder.
+//! - [`auth`]: participants' access codes (stored hashed in Redis) and the
+//!   [`auth::Participant`] extractor that guards every `/user/{n}/` route.
+//! - [`error`]: [`error::ApiError`], rendered in ComfyUI's error shape so the
+//!   stock editor shows it.
+//! - [`validate`]: checks a submitted prompt before anything is stored.
+//! - [`files`]: where outputs live on disk, and safe file names.
+//! - [`comfy`]: the per-user ComfyUI server API (`/user/{n}/api/...`).
+//! - [`internal`]: the internal API gpu-task calls (`/_internal/...`),
+//!   guarded by the shared secret.
+
+pub mod auth;
+pub mod comfy;
+pub mod error;
+pub mod files;
+pub mod internal;
+pub mod secrets;
+pub mod state;
+pub mod validate;
+
+use axum::routing::get;
+use axum::Router;
+use tower_http::trace::TraceLayer;
+
+pub use state::AppState;
+
+/// The whole HTTP surface.
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .merge(comfy::routes(&state))
+        .merge(internal::routes(&state))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// Liveness and what the gateway depends on: 200 when Redis answers.
+async fn healthz(axum::extract::State(state): axum::extract::State<AppState>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let redis = state.store.ping().await;
+    let body = axum::Json(serde_json::json!({ "ok": redis, "redis": redis }));
+    if redis {
+        body.into_response()
+    } else {
+        (axum::http::StatusCode::SERVICE_UNAVAILABLE, body).into_response()
+    }
+}
