@@ -1,1 +1,148 @@
-//! placeholder (being written)
+//! Runs each job as a dispatch of the parameterized Nomad job.
+//!
+//! This is how the workshop runs: Nomad places the child job on the GPU node
+//! (its device request is the GPU lease), gpu-task runs inside it, and the
+//! whole queue is visible in `nomad job status comfy-workflow`. The dispatch
+//! carries the contract meta and, when it fits, the workflow as payload; the
+//! idempotency token is the job id, so a dispatcher that restarts mid-dispatch
+//! gets the same child back instead of running the workflow twice.
+
+use async_trait::async_trait;
+
+use super::{meta_for, payload_for, Executor, ExecutorError, Outcome, Started};
+use crate::config::NomadConfig;
+use crate::job::Job;
+use crate::nomad::{NomadClient, NomadError, TerminalStatus};
+
+/// Dispatches `job` (normally `comfy-workflow`) once per comfy-multi job.
+#[derive(Debug, Clone)]
+pub struct NomadExecutor {
+    client: NomadClient,
+    job: String,
+}
+
+impl NomadExecutor {
+    /// An executor dispatching the parameterized job `job` through `client`.
+    pub fn new(client: NomadClient, job: impl Into<String>) -> Self {
+        NomadExecutor {
+            client,
+            job: job.into(),
+        }
+    }
+
+    /// An executor for the `nomad` section of the configuration.
+    pub fn from_config(config: &NomadConfig) -> Result<Self, NomadError> {
+        Ok(Self::new(
+            NomadClient::new(&config.addr, config.token.clone())?,
+            config.job.clone(),
+        ))
+    }
+
+    /// The client, for callers that need more of Nomad's API.
+    pub fn client(&self) -> &NomadClient {
+        &self.client
+    }
+
+    /// The parameterized job dispatched.
+    pub fn job(&self) -> &str {
+        &self.job
+    }
+}
+
+/// Whether an error about the dispatch is the job's fault (it will never be
+/// accepted) rather than Nomad's or the operator's (jobs should wait).
+fn is_rejection(e: &NomadError) -> bool {
+    match e {
+        NomadError::Status { status, body } => {
+            let operator_must_fix = body.contains("parameterized job not found")
+                || body.contains("is stopped")
+                || body.contains("is not a parameterized job")
+                || body.contains("Permission denied")
+                || body.contains("ACL token not found");
+            !e.is_transient()
+                && !operator_must_fix
+                && (*status == 400 || *status == 500 || *status == 413)
+        }
+        _ => false,
+    }
+}
+
+#[async_trait]
+impl Executor for NomadExecutor {
+    async fn start(&self, job: &Job) -> Result<Started, ExecutorError> {
+        let meta = meta_for(job);
+        let payload = payload_for(job);
+        let token = job.id.to_string();
+        match self
+            .client
+            .dispatch(&self.job, &meta, payload.as_deref(), &token)
+            .await
+        {
+            Ok(resp) => {
+                tracing::info!(job = %job.id, child = %resp.dispatched_job_id, "dispatched to Nomad");
+                Ok(Started {
+                    executor_ref: resp.dispatched_job_id,
+                    index: resp.index,
+                })
+            }
+            Err(e) if is_rejection(&e) => Err(ExecutorError::Rejected(format!(
+                "Nomad refused the dispatch of {}: {e}",
+                self.job
+            ))),
+            Err(e) => Err(ExecutorError::Unavailable(e.to_string())),
+        }
+    }
+
+    async fn wait(&self, started: &Started) -> Result<Outcome, ExecutorError> {
+        let end = self
+            .client
+            .follow_to_end(&started.executor_ref, started.index)
+            .await
+            .map_err(|e| {
+                ExecutorError::Unavailable(format!("cannot follow {}: {e}", started.executor_ref))
+            })?;
+        tracing::info!(child = %started.executor_ref, status = ?end.status, reason = %end.reason, "Nomad job ended");
+        Ok(match end.status {
+            TerminalStatus::Complete => Outcome::Completed,
+            TerminalStatus::Failed => Outcome::Failed { reason: end.reason },
+            TerminalStatus::Stopped => Outcome::Failed { reason: end.reason },
+            TerminalStatus::Lost | TerminalStatus::Gone => Outcome::Lost { reason: end.reason },
+        })
+    }
+
+    async fn stop(&self, executor_ref: &str) -> Result<(), ExecutorError> {
+        match self.client.stop_job(executor_ref, false).await {
+            Ok(_) => Ok(()),
+            // Already gone: nothing left to stop.
+            Err(e) if e.is_not_found() => Ok(()),
+            Err(e) => Err(ExecutorError::Unavailable(format!(
+                "cannot stop {executor_ref}: {e}"
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_dispatch_errors() {
+        let status = |status, body: &str| NomadError::Status {
+            status,
+            body: body.into(),
+        };
+        assert!(is_rejection(&status(
+            500,
+            "Payload exceeds maximum size; 16385 > 16384"
+        )));
+        assert!(is_rejection(&status(
+            500,
+            "Dispatch did not provide required meta keys: [job_id]"
+        )));
+        assert!(!is_rejection(&status(500, "parameterized job not found")));
+        assert!(!is_rejection(&status(500, "rpc error: No cluster leader")));
+        assert!(!is_rejection(&status(403, "Permission denied")));
+        assert!(!is_rejection(&status(503, "")));
+    }
+}
