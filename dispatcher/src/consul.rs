@@ -112,11 +112,7 @@ impl ConsulClient {
             path.push_str(&urlencoding::encode(tag));
         }
         let body = self.get(&path).await?;
-        decode_health(&body).map_err(|reason| ConsulError::Decode {
-            addr: self.addr.clone(),
-            path,
-            reason,
-        })
+        decode_health(&body).map_err(|reason| ConsulError::Decode { addr: self.addr.clone(), path, reason })
     }
 
     /// Whether Consul answers and has a leader.
