@@ -191,7 +191,8 @@ async fn workflow_becomes_an_image(executor: Executor) {
         let req = stack.get(3, &format!("history/{id}"));
         async move {
             let h: Value = req.send().await.ok()?.json().await.ok()?;
-            h.as_object().filter(|m| !m.is_empty()).map(|_| h)
+            let done = h.as_object().is_some_and(|m| !m.is_empty());
+            done.then_some(h)
         }
     })
     .await
