@@ -27,18 +27,21 @@ pub fn nomad_binary() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 impl DevAgent {
     /// Starts a dev agent when `nomad` is on `PATH`; `None` (after printing a
     /// note naming `what` is skipped) when it is not.
     pub async fn start_if_available(what: &str) -> Option<anyhow::Result<DevAgent>> {
+        Self::start_if_available_with_env(what, &[]).await
+    }
+
+    /// Like [`DevAgent::start_if_available`]; the agent (and so every
+    /// `raw_exec` task, which inherits it) gets `envs` in its environment.
+    pub async fn start_if_available_with_env(
+        what: &str,
+        envs: &[(String, String)],
+    ) -> Option<anyhow::Result<DevAgent>> {
         match nomad_binary() {
-            Some(bin) => Some(Self::start(bin).await),
+            Some(bin) => Some(Self::start_with_env(bin, envs).await),
             None => {
                 println!("note: no `nomad` on PATH; skipping the real-Nomad variant of {what}");
                 None
@@ -49,8 +52,14 @@ impl DevAgent {
     /// Starts `bin agent -dev` and waits (60 s at most) until its node is
     /// ready with a healthy `raw_exec` driver.
     pub async fn start(bin: PathBuf) -> anyhow::Result<DevAgent> {
+        Self::start_with_env(bin, &[]).await
+    }
+
+    /// [`DevAgent::start`] with extra environment variables for the agent.
+    pub async fn start_with_env(bin: PathBuf, envs: &[(String, String)]) -> anyhow::Result<DevAgent> {
         let dir = tempfile::tempdir()?;
-        let (http, rpc, serf) = (free_port()?, free_port()?, free_port()?);
+        use crate::harness::free_port;
+        let (http, rpc, serf) = (free_port(), free_port(), free_port());
         let config = format!(
             r#"
 bind_addr = "127.0.0.1"
@@ -79,6 +88,7 @@ plugin "raw_exec" {{
         let child = Command::new(&bin)
             .args(["agent", "-dev", "-bind=127.0.0.1"])
             .arg(format!("-config={}", config_path.display()))
+            .envs(envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
