@@ -87,7 +87,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 slots = config.dispatcher.slots,
                 "dispatcher running"
             );
-            Dispatcher::new(store, executor, config.dispatcher.slots).run(shutdown_signal()).await?;
+            Dispatcher::new(store, executor, config.dispatcher.slots).run(dispatcher::shutdown_signal()).await?;
             tracing::info!("dispatcher stopped; jobs in flight keep running and are followed on restart");
             Ok(())
         }
@@ -125,14 +125,5 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("registered {} with Nomad at {}", file.display(), config.nomad.addr);
             Ok(())
         }
-    }
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
     }
 }

@@ -351,24 +351,12 @@ pub struct NodeStub {
     pub scheduling_eligibility: String,
 }
 
-/// A node as read (`/v1/node/:id`).
+/// A node as read (`/v1/node/:id`): what the list says, and more.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct Node {
-    #[serde(rename = "ID")]
-    pub id: String,
-    #[serde(default)]
-    pub name: String,
-    #[serde(default)]
-    pub datacenter: String,
-    #[serde(default)]
-    pub node_pool: String,
-    #[serde(default)]
-    pub status: String,
-    #[serde(default)]
-    pub drain: bool,
-    #[serde(default)]
-    pub scheduling_eligibility: String,
+    #[serde(flatten)]
+    pub stub: NodeStub,
     /// Present while a drain is in progress.
     #[serde(default)]
     pub drain_strategy: Option<Value>,
@@ -1322,8 +1310,8 @@ mod tests {
     #[test]
     fn decodes_nodes_and_updates() {
         let n: Node = serde_json::from_str(&sample("node.read.response.json")).unwrap();
-        assert_eq!(n.name, "mew");
-        assert_eq!(n.scheduling_eligibility, "eligible");
+        assert_eq!(n.stub.name, "mew");
+        assert_eq!(n.stub.scheduling_eligibility, "eligible");
         assert_eq!(n.device_ids("hashicorp", "skeleton").len(), 2);
         assert_eq!(n.attributes["kernel.name"], "linux");
         for f in ["node.drain.response.json", "node.eligibility.response.json"] {

@@ -83,15 +83,6 @@ async fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     println!("listening on http://{addr}");
     tracing::info!(%addr, "gateway listening");
-    axum::serve(listener, gateway::app(state)).with_graceful_shutdown(shutdown_signal()).await?;
+    axum::serve(listener, gateway::app(state)).with_graceful_shutdown(dispatcher::shutdown_signal()).await?;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }

@@ -1197,10 +1197,10 @@ async fn nodes_drain_and_eligibility() {
     assert_eq!(nodes.len(), 1);
     let node = c.node(&nodes[0].id).await.unwrap();
     assert_eq!(node.device_ids("nvidia", "gpu"), t.standin().gpu_uuids());
-    assert_eq!(node.scheduling_eligibility, "eligible");
+    assert_eq!(node.stub.scheduling_eligibility, "eligible");
 
     register_probe(c, "drain", 1).await;
-    c.set_node_eligibility(&node.id, false).await.unwrap();
+    c.set_node_eligibility(&node.stub.id, false).await.unwrap();
     let d = c
         .dispatch(
             "drain",
@@ -1215,13 +1215,13 @@ async fn nodes_drain_and_eligibility() {
         e.failed_tg_allocs["workflow"].nodes_evaluated, 0,
         "an ineligible node is not considered: {e:?}"
     );
-    c.set_node_eligibility(&node.id, true).await.unwrap();
+    c.set_node_eligibility(&node.stub.id, true).await.unwrap();
     wait_allocs(c, &d.dispatched_job_id, "placed and running", |l| {
         l.iter().any(|a| a.client_status == "running")
     })
     .await;
 
-    c.drain_node(&node.id, Some(Duration::from_millis(200)))
+    c.drain_node(&node.stub.id, Some(Duration::from_millis(200)))
         .await
         .unwrap();
     let end = follow(c, &d.dispatched_job_id, d.index).await;
@@ -1234,10 +1234,10 @@ async fn nodes_drain_and_eligibility() {
     let deadline = Instant::now() + DEADLINE;
     let mut index = 0;
     loop {
-        let n = c.node(&node.id).await.unwrap();
-        if !n.drain {
+        let n = c.node(&node.stub.id).await.unwrap();
+        if !n.stub.drain {
             assert_eq!(
-                n.scheduling_eligibility, "ineligible",
+                n.stub.scheduling_eligibility, "ineligible",
                 "a drained node stays ineligible"
             );
             break;
@@ -1253,6 +1253,6 @@ async fn nodes_drain_and_eligibility() {
             .unwrap();
         index = i;
     }
-    let e = c.set_node_eligibility(&node.id, true).await;
+    let e = c.set_node_eligibility(&node.stub.id, true).await;
     assert!(e.is_ok());
 }
