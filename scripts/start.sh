@@ -11,11 +11,14 @@
 # .local/stack.env (GATEWAY_URL, ADMIN_TOKEN, USER_CODES and what the CLIs
 # need: `set -a; . .local/stack.env`); prints the URLs and codes; returns.
 # scripts/stop.sh stops exactly what this started (.local/pids/).
+#
+# COMFY_MULTI_STATE=dir keeps the stack's state there instead of .local/;
+# COMFY_MULTI_BIN=dir uses already built binaries from dir (no cargo build).
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-LOCAL=$root/.local
+LOCAL=${COMFY_MULTI_STATE:-$root/.local}
 PIDS=$LOCAL/pids
 LOGS=$LOCAL/logs
 
@@ -35,20 +38,24 @@ if compgen -G "$PIDS/*.pid" >/dev/null; then
     rm -f "$PIDS"/*.pid
 fi
 
-scripts/install-deps.sh >"$LOCAL.install.log" 2>&1 || {
-    cat "$LOCAL.install.log" >&2
+mkdir -p "$LOCAL"
+scripts/install-deps.sh >"$LOCAL/install.log" 2>&1 || {
+    cat "$LOCAL/install.log" >&2
     die "installing dependencies" "see the messages above"
 }
-rm -f "$LOCAL.install.log"
 CACHE=${COMFY_MULTI_CACHE:-$HOME/.cache/comfy-multi}
 # shellcheck source=/dev/null
 [ -f "$CACHE/env.sh" ] && . "$CACHE/env.sh"
 export PATH="$CACHE/bin:$PATH"
 
-say "building (cargo build --workspace --bins)"
-cargo build --workspace --bins --quiet || die "cargo build" "fix the build errors above"
-TARGET=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
-BIN=$TARGET/debug
+if [ -n "${COMFY_MULTI_BIN:-}" ]; then
+    BIN=$COMFY_MULTI_BIN
+else
+    say "building (cargo build --workspace --bins)"
+    cargo build --workspace --bins --quiet || die "cargo build" "fix the build errors above"
+    TARGET=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+    BIN=$TARGET/debug
+fi
 
 mkdir -p "$PIDS" "$LOGS" "$LOCAL/redis" "$LOCAL/data" "$LOCAL/comfyui/output" "$LOCAL/comfyui/input"
 
@@ -97,6 +104,18 @@ register() {
 JSON
 }
 
+# wait_passing NAME: until Consul reports the service passing (what gpu-task asks for).
+wait_passing() {
+    local i
+    for i in $(seq 1 300); do
+        if curl -fsS "$CONSUL_HTTP_ADDR/v1/health/service/$1?passing=true" 2>/dev/null | grep -q '"ServiceID"'; then
+            return 0
+        fi
+        [ "$i" = 300 ] || sleep 0.1
+    done
+    die "Consul never saw $1 passing its health check" "see $LOGS/"
+}
+
 if [ -z "${COMFYUI_URL:-}" ]; then
     COMFY_PORT=$(free_port)
     start comfyui-standin "$BIN/comfyui-standin" --listen "127.0.0.1:$COMFY_PORT" \
@@ -104,6 +123,7 @@ if [ -z "${COMFYUI_URL:-}" ]; then
     COMFY=http://127.0.0.1:$COMFY_PORT
     wait_for "the ComfyUI stand-in" "$COMFY/system_stats"
     register comfyui "$COMFY_PORT" /system_stats
+    wait_passing comfyui
 else
     COMFY=$COMFYUI_URL
     wait_for "ComfyUI" "$COMFY/system_stats"
@@ -115,6 +135,7 @@ export GATEWAY_URL="http://127.0.0.1:$GATEWAY_PORT"
 start gateway env GATEWAY_LISTEN="127.0.0.1:$GATEWAY_PORT" "$BIN/gateway" serve
 wait_for "the gateway" "$GATEWAY_URL/healthz"
 register comfy-gateway "$GATEWAY_PORT" /healthz
+wait_passing comfy-gateway
 
 EXECUTOR=${EXECUTOR:-local}
 export EXECUTOR
@@ -156,5 +177,5 @@ say "  ComfyUI:  $COMFY"
 say "  Consul:   $CONSUL_HTTP_ADDR"
 say "  Redis:    $REDIS_URL"
 say "  access codes (n:code): $USER_CODES"
-say "  logs in .local/logs/; settings for the CLIs: set -a; . .local/stack.env"
+say "  logs in $LOGS/; settings for the CLIs: set -a; . $LOCAL/stack.env"
 say "  stop with scripts/stop.sh"

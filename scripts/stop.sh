@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Stop exactly what scripts/start.sh started (the pids in .local/pids/).
+# Stop exactly what scripts/start.sh started (the pids in .local/pids/, or in
+# $COMFY_MULTI_STATE/pids/ when that is set).
 # Each process gets SIGTERM, then SIGKILL if it is still there after 10 s.
 # Data (.local/data, .local/redis) is kept; remove .local/ to start afresh.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
-PIDS=$root/.local/pids
+LOCAL=${COMFY_MULTI_STATE:-$root/.local}
+PIDS=$LOCAL/pids
 
 if ! compgen -G "$PIDS/*.pid" >/dev/null; then
     echo "[stop] nothing to stop"
@@ -29,4 +31,4 @@ for name in dispatcher gateway comfyui-standin consul redis; do
     fi
     rm -f "$f"
 done
-rm -f "$root/.local/stack.env"
+rm -f "$LOCAL/stack.env"
