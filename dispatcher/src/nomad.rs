@@ -1248,7 +1248,7 @@ mod tests {
 
     fn sample(name: &str) -> String {
         let path = format!(
-            "{}/../../shared/nomad-api/{name}",
+            "{}/../tests/fixtures/nomad-api/{name}",
             env!("CARGO_MANIFEST_DIR")
         );
         std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {path}: {e}"))

@@ -244,7 +244,7 @@ mod tests {
     use super::*;
 
     fn sample_body(name: &str) -> String {
-        let path = format!("{}/../../shared/comfyui-samples/{name}", env!("CARGO_MANIFEST_DIR"));
+        let path = format!("{}/../tests/fixtures/comfyui-samples/{name}", env!("CARGO_MANIFEST_DIR"));
         let v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         v["body"].to_string()
     }

@@ -17,7 +17,15 @@ use tokio_tungstenite::tungstenite::Message;
 const DEADLINE: Duration = Duration::from_secs(60);
 
 fn samples() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/comfyui-samples")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/comfyui-samples")
+}
+
+/// The full object_info recording is too large to vendor; it is read from
+/// `shared/` beside the repository when that is there.
+fn full_object_info() -> Option<Json> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/comfyui-samples/get-object_info.json");
+    let bytes = std::fs::read(&path).ok()?;
+    Some(Json::parse(&bytes).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display())))
 }
 
 /// A recorded file, key order kept.
@@ -584,9 +592,12 @@ async fn uploads_load_view_and_fail_like_comfyui() {
 }
 
 #[tokio::test]
-async fn object_info_and_idle_endpoints_match_the_recordings() {
+async fn object_info_matches_the_recording() {
     let s = Standin::start(Duration::ZERO).await;
-    let recorded = sample("get-object_info.json");
+    let Some(recorded) = full_object_info() else {
+        println!("note: shared/comfyui-samples/get-object_info.json is not beside the repository; skipping the object_info comparison");
+        return;
+    };
     let recorded = obj(at(&recorded, &["body"]));
     let (status, ours) = s.get("/api/object_info").await;
     assert_eq!(status, 200);
@@ -631,6 +642,11 @@ async fn object_info_and_idle_endpoints_match_the_recordings() {
     let (_, one) = s.get("/object_info/SaveImage").await;
     assert_same("object_info/SaveImage", at(&one, &["SaveImage"]), recorded.get("SaveImage").unwrap());
     assert_eq!(s.get("/object_info/NoSuchNode").await, (200, Json::Object(Map::new())));
+}
+
+#[tokio::test]
+async fn idle_endpoints_match_the_recordings() {
+    let s = Standin::start(Duration::ZERO).await;
 
     for (path, file) in [
         ("/api/prompt", "get-prompt.json"),

@@ -24,7 +24,7 @@ const DEADLINE: Duration = Duration::from_secs(60);
 
 fn sample(name: &str) -> Value {
     let path = format!(
-        "{}/../../shared/nomad-api/{name}",
+        "{}/fixtures/nomad-api/{name}",
         env!("CARGO_MANIFEST_DIR")
     );
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {path}: {e}"));
@@ -33,7 +33,7 @@ fn sample(name: &str) -> Value {
 
 fn sample_lines(name: &str) -> Vec<Value> {
     let path = format!(
-        "{}/../../shared/nomad-api/{name}",
+        "{}/fixtures/nomad-api/{name}",
         env!("CARGO_MANIFEST_DIR")
     );
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {path}: {e}"));
