@@ -77,6 +77,9 @@ pub struct NomadConfig {
     pub token: Option<String>,
     /// `NOMAD_JOB`: the parameterized job to dispatch.
     pub job: String,
+    /// `NOMAD_GPU_NODE_POOL`: the node pool of the GPU node(s), drained by
+    /// `dispatcher drain`.
+    pub gpu_node_pool: String,
 }
 
 /// How to reach Consul.
@@ -132,6 +135,7 @@ impl Default for NomadConfig {
             addr: "http://127.0.0.1:4646".into(),
             token: None,
             job: crate::contract::NOMAD_JOB.into(),
+            gpu_node_pool: "gpu".into(),
         }
     }
 }
@@ -235,6 +239,9 @@ impl Config {
         }
         if let Some(v) = get("NOMAD_JOB") {
             self.nomad.job = v;
+        }
+        if let Some(v) = get("NOMAD_GPU_NODE_POOL") {
+            self.nomad.gpu_node_pool = v;
         }
         if let Some(v) = get("CONSUL_HTTP_ADDR") {
             self.consul.addr = with_scheme(v);

@@ -151,7 +151,7 @@ pub struct Job {
     pub error: Option<String>,
     /// How many times it was handed to an executor.
     pub attempts: u32,
-    /// What the executor calls it: the Nomad child job id, or `local:<pid>`.
+    /// What the executor calls it: the Nomad child job id, or `local:<job id>.<attempt>`.
     pub executor_ref: Option<String>,
     /// ComfyUI's history `status.messages`, as gpu-task reported them.
     pub messages: Vec<Value>,

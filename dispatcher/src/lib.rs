@@ -21,12 +21,14 @@
 //! - [`consul`]: finding healthy services (the warm ComfyUI, the gateway).
 //! - [`executor`]: how a job is actually run: as a dispatched Nomad job, or as
 //!   a local child process; both behind one trait.
+//! - [`drain`]: emptying the GPU before teardown, and resuming after.
 //! - [`run`]: the dispatch loop: keep at most `slots` jobs in flight, follow
 //!   each to its end, and make sure every job ends in a terminal state.
 
 pub mod config;
 pub mod consul;
 pub mod contract;
+pub mod drain;
 pub mod executor;
 pub mod job;
 pub mod nomad;

@@ -3,6 +3,8 @@
 //!
 //! - `dispatcher run`: the dispatch loop (local or Nomad executor).
 //! - `dispatcher status`: what is queued and in flight.
+//! - `dispatcher drain`: empty the GPU before teardown; `dispatcher resume`
+//!   carries on.
 //! - `dispatcher register-job`: registers `nomad/comfy-workflow.nomad.hcl`
 //!   with Nomad (parsed by Nomad itself, with HCL2 variables).
 
@@ -10,10 +12,12 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use dispatcher::config::{Config, ExecutorKind};
+use dispatcher::drain::{DrainReport, Drainer};
 use dispatcher::executor::{local::LocalExecutor, nomad::NomadExecutor, Executor};
 use dispatcher::nomad::NomadClient;
 use dispatcher::queue::Store;
@@ -35,6 +39,15 @@ enum Command {
     Run,
     /// Print the queue length and the jobs in flight.
     Status,
+    /// Empty the GPU before teardown: stop dispatching, wait for the jobs in
+    /// flight (until --deadline), requeue what is left, drain the GPU node(s).
+    Drain {
+        /// How long running jobs may take to finish (e.g. 90s, 10m).
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        deadline: Duration,
+    },
+    /// Continue dispatching after a drain (and make the GPU nodes eligible).
+    Resume,
     /// Register the parameterized workflow job with Nomad.
     RegisterJob {
         /// The job spec.
@@ -93,6 +106,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Status => {
             let store = Store::connect(&config.redis_url).await?;
+            match store.paused().await? {
+                Some(why) => println!("dispatching: paused ({why}); `dispatcher resume` continues"),
+                None => println!("dispatching: on"),
+            }
             println!("queued: {}", store.queued_count().await?);
             let inflight = store.inflight().await?;
             println!("in flight: {}", inflight.len());
@@ -106,6 +123,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         job.executor_ref.as_deref().unwrap_or("-")
                     );
                 }
+            }
+            Ok(())
+        }
+        Command::Drain { deadline } => drain(&config, deadline).await,
+        Command::Resume => {
+            let drainer = drainer(&config).await?;
+            let nodes = drainer.resume().await?;
+            println!("dispatching resumed");
+            if !nodes.is_empty() {
+                println!("eligible again: {}", nodes.join(", "));
             }
             Ok(())
         }
@@ -126,4 +153,64 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// How long Nomad gets to move what is left (the warm ComfyUI) off a drained node.
+const NODE_DRAIN_DEADLINE: Duration = Duration::from_secs(60);
+
+async fn drainer(config: &Config) -> anyhow::Result<Drainer> {
+    let store = Store::connect(&config.redis_url).await?;
+    let nomad = match config.dispatcher.executor {
+        ExecutorKind::Nomad => Some(NomadClient::new(&config.nomad.addr, config.nomad.token.clone())?),
+        ExecutorKind::Local => None,
+    };
+    Ok(Drainer::new(store, nomad, config.nomad.gpu_node_pool.clone()))
+}
+
+/// `dispatcher drain`, with a live progress bar. Ctrl-C while waiting leaves
+/// dispatching paused and every job where it was: run it again to finish.
+async fn drain(config: &Config, deadline: Duration) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    // Listen before anything changes, so a Ctrl-C at any point is handled.
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let drainer = drainer(config).await?;
+    drainer.pause().await?;
+    println!("dispatching paused; waiting up to {} for the jobs in flight", humantime::format_duration(deadline));
+    let end = Instant::now() + deadline;
+    let bar = indicatif::ProgressBar::new(drainer.in_flight().await?.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} finished  {msg}")
+            .expect("a valid template"),
+    );
+    let total = bar.length().unwrap_or(0);
+    let wait = drainer.wait(end, |left| {
+        bar.set_position(total.saturating_sub(left.len() as u64));
+        let secs = end.saturating_duration_since(Instant::now()).as_secs();
+        bar.set_message(format!("{} in flight, {secs} s left", left.len()));
+    });
+    let finished = tokio::select! {
+        finished = wait => finished?,
+        _ = interrupt.recv() => {
+            bar.abandon_with_message("interrupted");
+            anyhow::bail!(
+                "drain interrupted: dispatching stays paused, jobs in flight keep running; \
+                 run `dispatcher drain` again to finish, or `dispatcher resume`"
+            );
+        }
+    };
+    bar.finish_and_clear();
+    let requeued = drainer.requeue_in_flight().await?;
+    let nodes = drainer.drain_nodes(NODE_DRAIN_DEADLINE).await?;
+    let report = DrainReport { finished, requeued, still_queued: drainer.queued().await?, nodes };
+    println!(
+        "drain done: {} finished, {} requeued, {} still queued",
+        report.finished.len(),
+        report.requeued.len(),
+        report.still_queued
+    );
+    if !report.nodes.is_empty() {
+        println!("drained in Nomad: {}", report.nodes.join(", "));
+    }
+    println!("dispatching stays paused until `dispatcher resume` (or a new GPU node and `dispatcher resume`)");
+    Ok(())
 }

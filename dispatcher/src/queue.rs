@@ -16,7 +16,9 @@
 //! | `cm:queue` | zset | queued job ids, scored by the [`Policy`] |
 //! | `cm:inflight` | set | dispatched or running job ids |
 //! | `cm:user:<n>:jobs` | zset | every job of user n, by number |
-//! | `cm:wake` | channel | published on every submit and requeue, so dispatchers wake |
+//! | `cm:paused` | string | present while dispatching is paused (drain); says why |
+//! | `cm:wake` | channel | published on every submit, requeue and resume, so dispatchers wake |
+//! | `cm:stop` | channel | executor refs whose run must be stopped by the dispatcher that runs them |
 //! | `cm:events:<n>` | channel | progress events for user n's open editors |
 
 use std::collections::BTreeMap;
@@ -30,6 +32,10 @@ use crate::policy::Policy;
 
 /// Channel dispatchers subscribe to, to learn of new work at once.
 pub const WAKE_CHANNEL: &str = "cm:wake";
+/// Channel of executor refs whose run must be stopped (drain, cancel).
+pub const STOP_CHANNEL: &str = "cm:stop";
+/// Present while dispatching is paused.
+const PAUSED: &str = "cm:paused";
 
 /// Why a queue operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -206,6 +212,7 @@ impl Store {
             "local function pick()\n{}\nend\n{}",
             self.policy.pick_lua(),
             r#"
+if redis.call('EXISTS', KEYS[3]) == 1 then return false end
 while true do
   local id = pick()
   if not id then return false end
@@ -222,6 +229,7 @@ end"#
         let id: Option<String> = Script::new(&lua)
             .key(QUEUE)
             .key(INFLIGHT)
+            .key(PAUSED)
             .arg(now_ms())
             .arg("cm:job:")
             .invoke_async(&mut self.conn.clone())
@@ -352,6 +360,31 @@ end"#
     /// Publishes a progress event to user `user`'s editors.
     pub async fn publish_event(&self, user: u32, event: &Value) -> Result<(), QueueError> {
         let _: i64 = self.conn.clone().publish(events_channel(user), event.to_string()).await?;
+        Ok(())
+    }
+
+    /// Stops all dispatching (atomically with respect to [`Store::pop_next`]):
+    /// jobs in flight go on, queued jobs stay queued.
+    pub async fn pause(&self, reason: &str) -> Result<(), QueueError> {
+        let _: () = self.conn.clone().set(PAUSED, reason).await?;
+        Ok(())
+    }
+
+    /// Lets dispatching continue, and wakes the dispatchers.
+    pub async fn resume(&self) -> Result<(), QueueError> {
+        let mut conn = self.conn.clone();
+        let _: () = redis::pipe().del(PAUSED).publish(WAKE_CHANNEL, "resume").query_async(&mut conn).await?;
+        Ok(())
+    }
+
+    /// Why dispatching is paused, if it is.
+    pub async fn paused(&self) -> Result<Option<String>, QueueError> {
+        Ok(self.conn.clone().get(PAUSED).await?)
+    }
+
+    /// Asks the dispatcher whose executor runs `executor_ref` to stop it.
+    pub async fn request_stop(&self, executor_ref: &str) -> Result<(), QueueError> {
+        let _: i64 = self.conn.clone().publish(STOP_CHANNEL, executor_ref).await?;
         Ok(())
     }
 

@@ -14,7 +14,7 @@ use tokio::task::JoinSet;
 
 use crate::executor::{Executor, ExecutorError, Outcome, Started};
 use crate::job::{Job, JobId, JobState};
-use crate::queue::{Patch, QueueError, Store, WAKE_CHANNEL};
+use crate::queue::{Patch, QueueError, Store, STOP_CHANNEL, WAKE_CHANNEL};
 
 /// How a handled job left the loop's hands.
 enum Handled {
@@ -86,11 +86,14 @@ impl Dispatcher {
                         Err(e) => tracing::error!("a job handler panicked: {e}"),
                     }
                 }
-                msg = next_wake(&mut wake) => {
-                    if msg.is_none() {
-                        wake = self.subscribe().await;
+                msg = next_message(&mut wake) => match msg {
+                    None => wake = self.subscribe().await,
+                    Some((channel, payload)) if channel == STOP_CHANNEL => {
+                        let executor = self.executor.clone();
+                        tokio::spawn(async move { stop_run(executor.as_ref(), &payload).await });
                     }
-                }
+                    Some(_) => {}
+                },
                 _ = tokio::time::sleep(pause) => {
                     backoff = None;
                 }
@@ -101,16 +104,28 @@ impl Dispatcher {
 
     async fn subscribe(&self) -> Option<redis::aio::PubSub> {
         let mut pubsub = self.store.client().get_async_pubsub().await.ok()?;
-        pubsub.subscribe(WAKE_CHANNEL).await.ok()?;
+        pubsub.subscribe(&[WAKE_CHANNEL, STOP_CHANNEL]).await.ok()?;
         Some(pubsub)
     }
 }
 
-/// Waits for a wake-up message; `None` when the subscription is gone.
-async fn next_wake(pubsub: &mut Option<redis::aio::PubSub>) -> Option<()> {
+/// Waits for a message (channel, payload); `None` when the subscription is gone.
+async fn next_message(pubsub: &mut Option<redis::aio::PubSub>) -> Option<(String, String)> {
     match pubsub {
-        Some(p) => p.on_message().next().await.map(|_| ()),
+        Some(p) => {
+            let msg = p.on_message().next().await?;
+            Some((msg.get_channel_name().to_string(), msg.get_payload().unwrap_or_default()))
+        }
         None => std::future::pending().await,
+    }
+}
+
+/// Stops the run `executor_ref` (a drain deadline, a cancel). Only the
+/// dispatcher whose executor runs it can; for the others this is a no-op.
+async fn stop_run(executor: &dyn Executor, executor_ref: &str) {
+    tracing::info!(%executor_ref, "stopping the run on request");
+    if let Err(e) = executor.stop(executor_ref).await {
+        tracing::warn!(%executor_ref, "cannot stop the run: {e}");
     }
 }
 

@@ -10,7 +10,9 @@
 //!   at a real ComfyUI instead.
 //! - [`nomad`]: a Nomad API stand-in, faithful to `shared/nomad-api/`, that
 //!   runs dispatched children as local processes the way `raw_exec` would.
+//! - [`stack`]: the whole local stack as real processes, for end-to-end tests.
 
 pub mod comfyui;
 pub mod harness;
 pub mod nomad;
+pub mod stack;

@@ -18,7 +18,7 @@ use tokio::sync::{watch, Mutex, OwnedSemaphorePermit, Semaphore};
 
 use super::{meta_for, payload_for, Executor, ExecutorError, Outcome, Started};
 use crate::contract::{NOMAD_JOB, NOMAD_TASK, PAYLOAD_FILE};
-use crate::job::{Job, JobId};
+use crate::job::Job;
 
 /// How long gpu-task gets after SIGTERM before SIGKILL (Nomad's kill_timeout).
 const KILL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -47,8 +47,8 @@ impl LocalExecutor {
         }
     }
 
-    fn reference(id: &JobId) -> String {
-        format!("local:{id}")
+    fn reference(job: &Job) -> String {
+        format!("local:{}", super::dispatch_token(job))
     }
 
     async fn spawn(&self, job: &Job, permit: OwnedSemaphorePermit) -> Result<Child, ExecutorError> {
@@ -127,7 +127,7 @@ impl LocalExecutor {
 #[async_trait]
 impl Executor for LocalExecutor {
     async fn start(&self, job: &Job) -> Result<Started, ExecutorError> {
-        let reference = Self::reference(&job.id);
+        let reference = Self::reference(job);
         let mut children = self.children.lock().await;
         if !children.contains_key(&reference) {
             let permit = self

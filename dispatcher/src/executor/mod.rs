@@ -21,7 +21,7 @@ pub mod nomad;
 /// A job an executor has accepted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Started {
-    /// What the executor calls the job: the Nomad child job id, or `local:<pid>`.
+    /// What the executor calls the job: the Nomad child job id, or `local:<job id>.<attempt>`.
     pub executor_ref: String,
     /// The executor's own progress marker (Nomad's index after the dispatch),
     /// so that [`Executor::wait`] misses no event.
@@ -71,6 +71,15 @@ pub fn payload_for(job: &Job) -> Option<Vec<u8>> {
     let payload = WorkflowPayload { prompt: job.workflow.clone(), extra_data: job.extra_data.clone() };
     let bytes = serde_json::to_vec(&payload).ok()?;
     (bytes.len() <= NOMAD_PAYLOAD_LIMIT).then_some(bytes)
+}
+
+/// The idempotency token of `job`'s current attempt: `<job id>.<attempt>`.
+///
+/// The same attempt dispatched twice (a dispatcher that restarts mid-dispatch)
+/// is one run; a requeued job (drain, lost node) gets a fresh run, not the
+/// dead child of its previous attempt.
+pub fn dispatch_token(job: &Job) -> String {
+    format!("{}.{}", job.id, job.attempts)
 }
 
 /// The dispatch meta of `job` (keys from [`crate::contract`]).

@@ -4,7 +4,7 @@
 //! (its device request is the GPU lease), gpu-task runs inside it, and the
 //! whole queue is visible in `nomad job status comfy-workflow`. The dispatch
 //! carries the contract meta and, when it fits, the workflow as payload; the
-//! idempotency token is the job id, so a dispatcher that restarts mid-dispatch
+//! idempotency token is the job id and attempt ([`super::dispatch_token`]), so a dispatcher that restarts mid-dispatch
 //! gets the same child back instead of running the workflow twice.
 
 use async_trait::async_trait;
@@ -72,7 +72,7 @@ impl Executor for NomadExecutor {
     async fn start(&self, job: &Job) -> Result<Started, ExecutorError> {
         let meta = meta_for(job);
         let payload = payload_for(job);
-        let token = job.id.to_string();
+        let token = super::dispatch_token(job);
         match self
             .client
             .dispatch(&self.job, &meta, payload.as_deref(), &token)
