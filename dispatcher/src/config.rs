@@ -51,6 +51,11 @@ pub struct GatewayConfig {
     /// `INTERNAL_SECRET`: shared by the gateway and gpu-task. Generated into
     /// `<data_dir>/secrets/internal-secret` on first start when unset.
     pub internal_secret: Option<String>,
+    /// `GATEWAY_TLS_CERT`: PEM certificate chain; with `tls_key`, the gateway
+    /// serves HTTPS itself.
+    pub tls_cert: Option<PathBuf>,
+    /// `GATEWAY_TLS_KEY`: PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
 }
 
 /// Settings of the dispatcher.
@@ -114,6 +119,8 @@ impl Default for GatewayConfig {
             max_output_bytes: 512 * 1024 * 1024,
             admin_token: None,
             internal_secret: None,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -208,6 +215,19 @@ impl Config {
         }
         if let Some(v) = get("INTERNAL_SECRET") {
             self.gateway.internal_secret = Some(v);
+        }
+        if let Some(v) = get("GATEWAY_TLS_CERT") {
+            self.gateway.tls_cert = Some(v.into());
+        }
+        if let Some(v) = get("GATEWAY_TLS_KEY") {
+            self.gateway.tls_key = Some(v.into());
+        }
+        if self.gateway.tls_cert.is_some() != self.gateway.tls_key.is_some() {
+            return Err(ConfigError::Env {
+                var: "GATEWAY_TLS_CERT",
+                value: format!("{:?} / GATEWAY_TLS_KEY={:?}", self.gateway.tls_cert, self.gateway.tls_key),
+                why: "HTTPS needs both the certificate and its key (or neither, for plain HTTP)".into(),
+            });
         }
         if let Some(v) = get("EXECUTOR") {
             self.dispatcher.executor = match v.as_str() {

@@ -77,12 +77,33 @@ async fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
         },
         internal_secret: Arc::from(internal_secret),
     };
-    let listener = tokio::net::TcpListener::bind(&config.gateway.listen)
-        .await
+    let listener = std::net::TcpListener::bind(&config.gateway.listen)
         .with_context(|| format!("cannot listen on {}", config.gateway.listen))?;
+    listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
-    println!("listening on http://{addr}");
-    tracing::info!(%addr, "gateway listening");
-    axum::serve(listener, gateway::app(state)).with_graceful_shutdown(dispatcher::shutdown_signal()).await?;
+    let app = gateway::app(state);
+    match (&config.gateway.tls_cert, &config.gateway.tls_key) {
+        (Some(cert), Some(key)) => {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key).await.with_context(|| {
+                format!("cannot load the TLS certificate {} and key {}", cert.display(), key.display())
+            })?;
+            let handle = axum_server::Handle::new();
+            let stopper = handle.clone();
+            tokio::spawn(async move {
+                dispatcher::shutdown_signal().await;
+                stopper.graceful_shutdown(Some(std::time::Duration::from_secs(10)));
+            });
+            println!("listening on https://{addr}");
+            tracing::info!(%addr, "gateway listening (HTTPS)");
+            axum_server::from_tcp_rustls(listener, tls)?.handle(handle).serve(app.into_make_service()).await?;
+        }
+        _ => {
+            println!("listening on http://{addr}");
+            tracing::info!(%addr, "gateway listening");
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            axum::serve(listener, app).with_graceful_shutdown(dispatcher::shutdown_signal()).await?;
+        }
+    }
     Ok(())
 }

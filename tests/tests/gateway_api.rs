@@ -186,3 +186,53 @@ async fn internal_api_needs_the_secret_and_views_are_scoped() {
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(res.json::<Value>().await.unwrap(), json!({}), "not finished yet");
 }
+
+#[tokio::test]
+async fn serves_https_with_the_configured_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = Redis::start().await.unwrap();
+    let rcgen::CertifiedKey { cert, signing_key } =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, signing_key.serialize_pem()).unwrap();
+    let port = free_port();
+    let mut cmd = tokio::process::Command::new(bin_path("gateway"));
+    cmd.arg("serve")
+        .env("REDIS_URL", &redis.url)
+        .env("DATA_DIR", dir.path().join("data"))
+        .env("GATEWAY_LISTEN", format!("127.0.0.1:{port}"))
+        .env("GATEWAY_TLS_CERT", &cert_path)
+        .env("GATEWAY_TLS_KEY", &key_path)
+        .env_remove("COMFY_MULTI_CONFIG");
+    let _process = spawn_logged(cmd, "gateway-tls");
+    let client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(cert.pem().as_bytes()).unwrap())
+        .build()
+        .unwrap();
+    let res = wait_until("the gateway to answer over HTTPS", Duration::from_secs(30), || {
+        let req = client.get(format!("https://localhost:{port}/healthz"));
+        async move { req.send().await.ok() }
+    })
+    .await
+    .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    // Plain HTTP on the same port is not served.
+    let plain = reqwest::get(format!("http://127.0.0.1:{port}/healthz")).await;
+    assert!(!plain.is_ok_and(|r| r.status().is_success()));
+}
+
+#[tokio::test]
+async fn half_a_tls_configuration_is_refused_with_a_clear_error() {
+    let out = tokio::process::Command::new(bin_path("gateway"))
+        .arg("serve")
+        .env("GATEWAY_TLS_CERT", "/nonexistent/cert.pem")
+        .env_remove("GATEWAY_TLS_KEY")
+        .env_remove("COMFY_MULTI_CONFIG")
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("GATEWAY_TLS_KEY"), "{err}");
+}
