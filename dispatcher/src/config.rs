@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::policy::{Limits, Mode};
+
 /// Which executor runs jobs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -31,6 +33,45 @@ pub struct Config {
     pub dispatcher: DispatcherConfig,
     pub nomad: NomadConfig,
     pub consul: ConsulConfig,
+    pub queue: QueueConfig,
+}
+
+/// Scheduling defaults. The instructor can change each of them live; their
+/// change (stored in Redis) then wins over this file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QueueConfig {
+    /// `QUEUE_MODE`: `fair` (round-robin across users) or `fifo`.
+    pub mode: Mode,
+    /// `MAX_QUEUED_PER_USER`: waiting jobs one participant may have.
+    pub max_queued_per_user: u32,
+    /// `MAX_RUNNING_PER_USER`: jobs of one participant in flight at once.
+    pub max_running_per_user: u32,
+    /// `MAX_QUEUE`: waiting jobs in all; more are refused with 429.
+    pub max_queue: u32,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        let l = Limits::default();
+        QueueConfig {
+            mode: Mode::Fair,
+            max_queued_per_user: l.max_queued_per_user,
+            max_running_per_user: l.max_running_per_user,
+            max_queue: l.max_queue,
+        }
+    }
+}
+
+impl QueueConfig {
+    /// The configured limits.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_queued_per_user: self.max_queued_per_user,
+            max_running_per_user: self.max_running_per_user,
+            max_queue: self.max_queue,
+        }
+    }
 }
 
 /// Settings of the gateway.
@@ -106,6 +147,7 @@ impl Default for Config {
             dispatcher: DispatcherConfig::default(),
             nomad: NomadConfig::default(),
             consul: ConsulConfig::default(),
+            queue: QueueConfig::default(),
         }
     }
 }
@@ -228,6 +270,22 @@ impl Config {
                 value: format!("{:?} / GATEWAY_TLS_KEY={:?}", self.gateway.tls_cert, self.gateway.tls_key),
                 why: "HTTPS needs both the certificate and its key (or neither, for plain HTTP)".into(),
             });
+        }
+        if let Some(v) = get("QUEUE_MODE") {
+            self.queue.mode = v.parse().map_err(|e: crate::policy::UnknownMode| ConfigError::Env {
+                var: "QUEUE_MODE",
+                value: v.clone(),
+                why: e.to_string(),
+            })?;
+        }
+        if let Some(v) = get("MAX_QUEUED_PER_USER") {
+            self.queue.max_queued_per_user = parse("MAX_QUEUED_PER_USER", v)?;
+        }
+        if let Some(v) = get("MAX_RUNNING_PER_USER") {
+            self.queue.max_running_per_user = parse("MAX_RUNNING_PER_USER", v)?;
+        }
+        if let Some(v) = get("MAX_QUEUE") {
+            self.queue.max_queue = parse("MAX_QUEUE", v)?;
         }
         if let Some(v) = get("EXECUTOR") {
             self.dispatcher.executor = match v.as_str() {

@@ -155,6 +155,9 @@ pub struct Job {
     pub executor_ref: Option<String>,
     /// ComfyUI's history `status.messages`, as gpu-task reported them.
     pub messages: Vec<Value>,
+    /// Someone cancelled it while it was in flight: it ends `cancelled`.
+    #[serde(default)]
+    pub cancel_requested: bool,
 }
 
 /// Milliseconds since the Unix epoch, now.

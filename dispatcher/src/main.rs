@@ -76,7 +76,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = Config::load(cli.config.as_deref())?;
     match cli.command {
         Command::Run => {
-            let store = Store::connect(&config.redis_url).await?;
+            let store = Store::connect(&config.redis_url).await?.with_limits(config.queue.limits());
+            store.init_mode(config.queue.mode).await?;
             let executor: Arc<dyn Executor> = match config.dispatcher.executor {
                 ExecutorKind::Local => {
                     let work_dir = config

@@ -13,9 +13,18 @@
 //! | `cm:seq` | string | last submission number |
 //! | `cm:job:<id>` | hash | the job record (JSON blobs for workflow, extra_data, messages) |
 //! | `cm:job:<id>:outputs` | hash | `node \t kind \t index` → `{filename, subfolder, type}` |
-//! | `cm:queue` | zset | queued job ids, scored by the [`Policy`] |
+//! | `cm:queue` | zset | queued job ids, by number |
+//! | `cm:uq:<n>` | zset | user n's queued job ids, by number (their line) |
+//! | `cm:queued_users` | set | users with a line |
 //! | `cm:inflight` | set | dispatched or running job ids |
 //! | `cm:user:<n>:jobs` | zset | every job of user n, by number |
+//! | `cm:jobs` | zset | every job, by number (reports) |
+//! | `cm:mode` | string | the scheduling [`Mode`] (`fifo` when absent) |
+//! | `cm:limits` | hash | the instructor's [`Limits`] (config defaults when absent) |
+//! | `cm:user_priority` | hash | user → priority tier |
+//! | `cm:served` | hash | user → serve sequence number of their last dispatch (fair mode) |
+//! | `cm:serve_seq` | string | last serve sequence number |
+//! | `cm:runtimes` | list | run times (ms) of the last 50 succeeded jobs, newest first |
 //! | `cm:paused` | string | present while dispatching is paused (drain); says why |
 //! | `cm:wake` | channel | published on every submit, requeue and resume, so dispatchers wake |
 //! | `cm:stop` | channel | executor refs whose run must be stopped by the dispatcher that runs them |
@@ -28,7 +37,7 @@ use redis::{AsyncCommands, Script};
 use serde_json::Value;
 
 use crate::job::{now_ms, FileRef, Job, JobId, JobState, Outputs};
-use crate::policy::Policy;
+use crate::policy::{Limits, Mode, FRONT_TIER, PLAN_LUA};
 
 /// Channel dispatchers subscribe to, to learn of new work at once.
 pub const WAKE_CHANNEL: &str = "cm:wake";
@@ -48,6 +57,10 @@ pub enum QueueError {
     Transition { id: JobId, from: JobState, to: JobState },
     #[error("job {id} is stored damaged: {why}")]
     Corrupt { id: JobId, why: String },
+    #[error("you already have {limit} workflows waiting, the most one participant may; wait until one starts, or cancel one")]
+    UserQueueFull { limit: u32 },
+    #[error("the queue is full ({limit} workflows waiting); try again in a few minutes")]
+    QueueFull { limit: u32 },
 }
 
 /// What a participant submits.
@@ -67,12 +80,23 @@ pub struct Patch {
     pub messages: Option<Vec<Value>>,
 }
 
+/// What a cancel did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cancelled {
+    /// It was queued: it is now `cancelled`.
+    Removed,
+    /// It is in flight: its run is being stopped and it ends `cancelled`.
+    Stopping,
+    /// It had already ended, in this state.
+    AlreadyEnded(JobState),
+}
+
 /// Handle on the Redis store. Cheap to clone; reconnects by itself.
 #[derive(Clone)]
 pub struct Store {
     conn: ConnectionManager,
     client: redis::Client,
-    policy: Policy,
+    limits: Limits,
 }
 
 fn job_key(id: &JobId) -> String {
@@ -92,14 +116,41 @@ const QUEUE: &str = "cm:queue";
 const INFLIGHT: &str = "cm:inflight";
 const SEQ: &str = "cm:seq";
 
+/// Reads a limit: the instructor's value, else the configured default.
+const LIMIT_LUA: &str = r#"
+local function limit(name, default)
+  local v = redis.call('HGET', 'cm:limits', name)
+  if v then return tonumber(v) end
+  return tonumber(default)
+end
+"#;
+
+/// ARGV: id, user, default max_queued_per_user, default max_queue, field/value pairs.
 const SUBMIT_LUA: &str = r#"
+local user = ARGV[2]
+local max_queued = limit('max_queued_per_user', ARGV[3])
+if redis.call('ZCARD', 'cm:uq:' .. user) >= max_queued then return {-1, max_queued} end
+local max_queue = limit('max_queue', ARGV[4])
+if redis.call('ZCARD', 'cm:queue') >= max_queue then return {-2, max_queue} end
 local n = redis.call('INCR', KEYS[1])
 redis.call('HSET', KEYS[2], 'number', n, 'state', 'queued')
-for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
 redis.call('ZADD', KEYS[3], n, ARGV[1])
 redis.call('ZADD', KEYS[4], n, ARGV[1])
+redis.call('ZADD', 'cm:uq:' .. user, n, ARGV[1])
+redis.call('SADD', 'cm:queued_users', user)
+redis.call('ZADD', 'cm:jobs', n, ARGV[1])
 redis.call('PUBLISH', 'cm:wake', ARGV[1])
-return n
+return {n, 0}
+"#;
+
+/// Removes job `id` of `user` from the queue (both indexes).
+const UNQUEUE_LUA: &str = r#"
+local function unqueue(id, user)
+  redis.call('ZREM', 'cm:queue', id)
+  redis.call('ZREM', 'cm:uq:' .. user, id)
+  if redis.call('ZCARD', 'cm:uq:' .. user) == 0 then redis.call('SREM', 'cm:queued_users', user) end
+end
 "#;
 
 const TRANSITION_LUA: &str = r#"
@@ -114,18 +165,48 @@ for i = 5, #ARGV, 2 do
   else redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 end
 local to = ARGV[1]
+local user = redis.call('HGET', KEYS[1], 'user')
 if to == 'queued' then
-  redis.call('ZADD', KEYS[2], redis.call('HGET', KEYS[1], 'number'), ARGV[4])
+  local number = redis.call('HGET', KEYS[1], 'number')
+  redis.call('ZADD', KEYS[2], number, ARGV[4])
+  redis.call('ZADD', 'cm:uq:' .. user, number, ARGV[4])
+  redis.call('SADD', 'cm:queued_users', user)
   redis.call('SREM', KEYS[3], ARGV[4])
   redis.call('PUBLISH', 'cm:wake', ARGV[4])
 elseif to == 'dispatched' or to == 'running' then
-  redis.call('ZREM', KEYS[2], ARGV[4])
+  unqueue(ARGV[4], user)
   redis.call('SADD', KEYS[3], ARGV[4])
 else
-  redis.call('ZREM', KEYS[2], ARGV[4])
+  unqueue(ARGV[4], user)
   redis.call('SREM', KEYS[3], ARGV[4])
+  if to == 'succeeded' then
+    local started = tonumber(redis.call('HGET', KEYS[1], 'started_at') or '')
+    if started then
+      redis.call('LPUSH', 'cm:runtimes', tonumber(ARGV[2]) - started)
+      redis.call('LTRIM', 'cm:runtimes', 0, 49)
+    end
+  end
 end
 return {1, state}
+"#;
+
+/// ARGV: id, owner (or ''). Returns {code, state, executor_ref}: code 1 =
+/// removed from the queue, 2 = stop requested, 0 = already ended, -1 = not
+/// found (or not the owner's).
+const CANCEL_LUA: &str = r#"
+local key = 'cm:job:' .. ARGV[1]
+local state = redis.call('HGET', key, 'state')
+local user = redis.call('HGET', key, 'user')
+if not state or (ARGV[2] ~= '' and user ~= ARGV[2]) then return {-1, '', ''} end
+if state == 'queued' then
+  redis.call('HSET', key, 'state', 'cancelled', 'finished_at', ARGV[3], 'error', 'cancelled')
+  unqueue(ARGV[1], user)
+  return {1, state, ''}
+elseif state == 'dispatched' or state == 'running' then
+  redis.call('HSET', key, 'cancel_requested', '1')
+  return {2, state, redis.call('HGET', key, 'executor_ref') or ''}
+end
+return {0, state, ''}
 "#;
 
 const ADD_OUTPUT_LUA: &str = r#"
@@ -144,7 +225,13 @@ impl Store {
             .set_connection_timeout(Some(std::time::Duration::from_secs(5)))
             .set_response_timeout(Some(std::time::Duration::from_secs(10)));
         let conn = ConnectionManager::new_with_config(client.clone(), config).await?;
-        Ok(Store { conn, client, policy: Policy::default() })
+        Ok(Store { conn, client, limits: Limits::default() })
+    }
+
+    /// Uses `limits` as the defaults (the instructor's changes in Redis win).
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// The underlying client, for pub/sub connections.
@@ -165,13 +252,26 @@ impl Store {
             ("created_at", created_at.to_string()),
             ("attempts", "0".into()),
         ];
-        let script = Script::new(SUBMIT_LUA);
+        let script = Script::new(&format!("{LIMIT_LUA}{SUBMIT_LUA}"));
         let mut inv = script.prepare_invoke();
-        inv.key(SEQ).key(job_key(&id)).key(QUEUE).key(user_key(new.user)).arg(id.to_string());
+        inv.key(SEQ)
+            .key(job_key(&id))
+            .key(QUEUE)
+            .key(user_key(new.user))
+            .arg(id.to_string())
+            .arg(new.user)
+            .arg(self.limits.max_queued_per_user)
+            .arg(self.limits.max_queue);
         for (k, v) in &fields {
             inv.arg(*k).arg(v);
         }
-        let number: u64 = inv.invoke_async(&mut self.conn.clone()).await?;
+        let (number, limit): (i64, u32) = inv.invoke_async(&mut self.conn.clone()).await?;
+        match number {
+            -1 => return Err(QueueError::UserQueueFull { limit }),
+            -2 => return Err(QueueError::QueueFull { limit }),
+            _ => {}
+        }
+        let number = number as u64;
         Ok(Job {
             id,
             user: new.user,
@@ -189,6 +289,7 @@ impl Store {
             attempts: 0,
             executor_ref: None,
             messages: Vec::new(),
+            cancel_requested: false,
         })
     }
 
@@ -206,32 +307,27 @@ impl Store {
         decode_job(id, fields, outputs).map(Some)
     }
 
-    /// Atomically takes the next job in policy order and marks it dispatched.
+    /// Atomically takes the next job in policy order (respecting the
+    /// running limit per user and the pause flag) and marks it dispatched.
     pub async fn pop_next(&self) -> Result<Option<Job>, QueueError> {
         let lua = format!(
-            "local function pick()\n{}\nend\n{}",
-            self.policy.pick_lua(),
+            "{LIMIT_LUA}{PLAN_LUA}{UNQUEUE_LUA}{}",
             r#"
-if redis.call('EXISTS', KEYS[3]) == 1 then return false end
-while true do
-  local id = pick()
-  if not id then return false end
-  redis.call('ZREM', KEYS[1], id)
-  local key = ARGV[2] .. id
-  if redis.call('HGET', key, 'state') == 'queued' then
-    redis.call('HSET', key, 'state', 'dispatched', 'dispatched_at', ARGV[1])
-    redis.call('HINCRBY', key, 'attempts', 1)
-    redis.call('SADD', KEYS[2], id)
-    return id
-  end
-end"#
+if redis.call('EXISTS', 'cm:paused') == 1 then return false end
+local next = plan(1, true, limit('max_running_per_user', ARGV[2]))[1]
+if not next then return false end
+local key = 'cm:job:' .. next
+local user = redis.call('HGET', key, 'user')
+unqueue(next, user)
+redis.call('HSET', key, 'state', 'dispatched', 'dispatched_at', ARGV[1])
+redis.call('HINCRBY', key, 'attempts', 1)
+redis.call('SADD', 'cm:inflight', next)
+redis.call('HSET', 'cm:served', user, redis.call('INCR', 'cm:serve_seq'))
+return next"#
         );
         let id: Option<String> = Script::new(&lua)
-            .key(QUEUE)
-            .key(INFLIGHT)
-            .key(PAUSED)
             .arg(now_ms())
-            .arg("cm:job:")
+            .arg(self.limits.max_running_per_user)
             .invoke_async(&mut self.conn.clone())
             .await?;
         match id {
@@ -243,6 +339,132 @@ end"#
                 self.get(&id).await?.ok_or(QueueError::NotFound(id)).map(Some)
             }
         }
+    }
+
+    /// Every queued job's id, in the order they will be dispatched.
+    pub async fn order(&self) -> Result<Vec<JobId>, QueueError> {
+        let lua = format!(
+            "{LIMIT_LUA}{PLAN_LUA}{}",
+            "return plan(redis.call('ZCARD', 'cm:queue'), true, limit('max_running_per_user', ARGV[1]))"
+        );
+        let ids: Vec<String> = Script::new(&lua)
+            .arg(self.limits.max_running_per_user)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(ids.iter().filter_map(|s| s.parse().ok()).collect())
+    }
+
+    /// Cancels job `id`; with `owner`, only if it is that user's (otherwise
+    /// it is reported as not found). A job in flight is marked
+    /// `cancel_requested` and its run asked to stop; it ends `cancelled` when
+    /// the run has stopped.
+    pub async fn cancel(&self, id: &JobId, owner: Option<u32>) -> Result<Cancelled, QueueError> {
+        let lua = format!("{UNQUEUE_LUA}{CANCEL_LUA}");
+        let (code, state, executor_ref): (i64, String, String) = Script::new(&lua)
+            .arg(id.to_string())
+            .arg(owner.map(|u| u.to_string()).unwrap_or_default())
+            .arg(now_ms())
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        match code {
+            1 => Ok(Cancelled::Removed),
+            2 => {
+                if !executor_ref.is_empty() {
+                    self.request_stop(&executor_ref).await?;
+                }
+                Ok(Cancelled::Stopping)
+            }
+            0 => Ok(Cancelled::AlreadyEnded(
+                state.parse().map_err(|e: crate::job::UnknownState| QueueError::Corrupt { id: *id, why: e.to_string() })?,
+            )),
+            _ => Err(QueueError::NotFound(*id)),
+        }
+    }
+
+    /// Stores `mode` as the scheduling mode unless the instructor chose one
+    /// already (every service calls this at start with its configured default).
+    pub async fn init_mode(&self, mode: Mode) -> Result<(), QueueError> {
+        let _: bool = self.conn.clone().set_nx("cm:mode", mode.as_str()).await?;
+        Ok(())
+    }
+
+    /// The scheduling mode.
+    pub async fn mode(&self) -> Result<Mode, QueueError> {
+        let mode: Option<String> = self.conn.clone().get("cm:mode").await?;
+        Ok(mode.and_then(|m| m.parse().ok()).unwrap_or_default())
+    }
+
+    /// Switches the scheduling mode; the queue keeps every job.
+    pub async fn set_mode(&self, mode: Mode) -> Result<(), QueueError> {
+        let _: () = self.conn.clone().set("cm:mode", mode.as_str()).await?;
+        Ok(())
+    }
+
+    /// The limits in force: the instructor's, else the configured defaults.
+    pub async fn limits(&self) -> Result<Limits, QueueError> {
+        let stored: Vec<Option<u32>> =
+            redis::cmd("HMGET").arg("cm:limits").arg(&Limits::FIELDS[..]).query_async(&mut self.conn.clone()).await?;
+        let d = self.limits.values();
+        Ok(Limits {
+            max_queued_per_user: stored[0].unwrap_or(d[0]),
+            max_running_per_user: stored[1].unwrap_or(d[1]),
+            max_queue: stored[2].unwrap_or(d[2]),
+        })
+    }
+
+    /// Sets the limits in force (the instructor's change; survives restarts).
+    pub async fn set_limits(&self, limits: Limits) -> Result<(), QueueError> {
+        let pairs: Vec<(&str, u32)> = Limits::FIELDS.iter().copied().zip(limits.values()).collect();
+        let mut conn = self.conn.clone();
+        let _: () = redis::pipe().hset_multiple("cm:limits", &pairs).publish(WAKE_CHANNEL, "limits").query_async(&mut conn).await?;
+        Ok(())
+    }
+
+    /// Raises job `id` to the front tier (`true`) or back to normal.
+    pub async fn raise_job(&self, id: &JobId, front: bool) -> Result<(), QueueError> {
+        let mut conn = self.conn.clone();
+        let exists: bool = conn.exists(job_key(id)).await?;
+        if !exists {
+            return Err(QueueError::NotFound(*id));
+        }
+        let _: () = conn.hset(job_key(id), "priority", if front { FRONT_TIER } else { 0 }).await?;
+        Ok(())
+    }
+
+    /// Raises every job of `user` to the front tier (`true`) or back.
+    pub async fn raise_user(&self, user: u32, front: bool) -> Result<(), QueueError> {
+        let mut conn = self.conn.clone();
+        if front {
+            let _: () = conn.hset("cm:user_priority", user, FRONT_TIER).await?;
+        } else {
+            let _: () = conn.hdel("cm:user_priority", user).await?;
+        }
+        Ok(())
+    }
+
+    /// Users raised to the front tier.
+    pub async fn raised_users(&self) -> Result<Vec<u32>, QueueError> {
+        let users: Vec<String> = self.conn.clone().hkeys("cm:user_priority").await?;
+        Ok(users.iter().filter_map(|u| u.parse().ok()).collect())
+    }
+
+    /// Run times (ms) of the most recent succeeded jobs, newest first.
+    pub async fn recent_runtimes(&self) -> Result<Vec<u64>, QueueError> {
+        Ok(self.conn.clone().lrange("cm:runtimes", 0, -1).await?)
+    }
+
+    /// Every job ever submitted, oldest first (for reports).
+    pub async fn all_jobs(&self) -> Result<Vec<Job>, QueueError> {
+        let ids: Vec<String> = self.conn.clone().zrange("cm:jobs", 0, -1).await?;
+        let mut jobs = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Ok(id) = id.parse::<JobId>() {
+                if let Some(job) = self.get(&id).await? {
+                    jobs.push(job);
+                }
+            }
+        }
+        Ok(jobs)
     }
 
     /// Moves job `id` to `to`, if the state machine allows it from the state
@@ -271,7 +493,7 @@ end"#
         if let Some(m) = patch.messages {
             fields.push(("messages", Value::Array(m).to_string()));
         }
-        let script = Script::new(TRANSITION_LUA);
+        let script = Script::new(&format!("{UNQUEUE_LUA}{TRANSITION_LUA}"));
         let mut inv = script.prepare_invoke();
         inv.key(job_key(id))
             .key(QUEUE)
@@ -457,5 +679,6 @@ fn decode_job(
         attempts: num(take("attempts"), "attempts").map_err(corrupt)?.unwrap_or(0),
         executor_ref: take("executor_ref").filter(|s| !s.is_empty()),
         messages,
+        cancel_requested: take("cancel_requested").is_some_and(|v| v == "1"),
     })
 }

@@ -26,6 +26,9 @@ pub enum ApiError {
     Conflict(String),
     #[error("{0}")]
     TooLarge(String),
+    /// A limit refuses the request; `kind` names which.
+    #[error("{message}")]
+    Limit { kind: &'static str, message: String, status: StatusCode },
     #[error("{0}")]
     Unavailable(String),
     #[error("{0}")]
@@ -45,6 +48,7 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Limit { status, .. } => *status,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -52,7 +56,9 @@ impl ApiError {
 
     fn kind(&self) -> &'static str {
         match self {
-            ApiError::BadRequest { kind, .. } | ApiError::InvalidPrompt { kind, .. } => kind,
+            ApiError::BadRequest { kind, .. }
+            | ApiError::InvalidPrompt { kind, .. }
+            | ApiError::Limit { kind, .. } => kind,
             ApiError::Unauthorized(_) => "unauthorized",
             ApiError::NotFound(_) => "not_found",
             ApiError::Conflict(_) => "conflict",
@@ -71,6 +77,12 @@ impl From<dispatcher::queue::QueueError> for ApiError {
             QueueError::Transition { .. } => ApiError::Conflict(e.to_string()),
             QueueError::Redis(_) => ApiError::Unavailable(e.to_string()),
             QueueError::Corrupt { .. } => ApiError::Internal(e.to_string()),
+            QueueError::UserQueueFull { .. } => {
+                ApiError::Limit { kind: "user_queue_limit", message: e.to_string(), status: StatusCode::BAD_REQUEST }
+            }
+            QueueError::QueueFull { .. } => {
+                ApiError::Limit { kind: "queue_full", message: e.to_string(), status: StatusCode::TOO_MANY_REQUESTS }
+            }
         }
     }
 }

@@ -56,7 +56,9 @@ async fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
             .context("cannot read or create the internal secret")?;
     let store = Store::connect(&config.redis_url)
         .await
-        .with_context(|| format!("cannot connect to Redis at {}", config.redis_url))?;
+        .with_context(|| format!("cannot connect to Redis at {}", config.redis_url))?
+        .with_limits(config.queue.limits());
+    store.init_mode(config.queue.mode).await?;
     let auth_conn = redis::aio::ConnectionManager::new(store.client().clone()).await?;
     let auth = Auth::new(auth_conn, admin_token, config.gateway.participants);
     let created = auth.ensure_codes(&data_dir).await.map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -5,6 +5,7 @@ use std::collections::HashSet;
 
 use comfy_multi_tests::harness::Redis;
 use dispatcher::job::{FileRef, JobState};
+use dispatcher::policy::Limits;
 use dispatcher::queue::{NewJob, Patch, QueueError, Store};
 use serde_json::json;
 
@@ -39,14 +40,15 @@ async fn submit_then_pop_in_fifo_order() {
 #[tokio::test]
 async fn concurrent_pops_never_share_a_job() {
     let redis = Redis::start().await.unwrap();
-    let store = Store::connect(&redis.url).await.unwrap();
+    let roomy = Limits { max_queued_per_user: 100, max_running_per_user: 100, max_queue: 1000 };
+    let store = Store::connect(&redis.url).await.unwrap().with_limits(roomy);
     let mut ids = HashSet::new();
     for i in 0..60 {
         ids.insert(store.submit(new_job(i % 7 + 1)).await.unwrap().id);
     }
     let mut tasks = Vec::new();
     for _ in 0..6 {
-        let store = Store::connect(&redis.url).await.unwrap();
+        let store = Store::connect(&redis.url).await.unwrap().with_limits(roomy);
         tasks.push(tokio::spawn(async move {
             let mut got = Vec::new();
             while let Some(job) = store.pop_next().await.unwrap() {
