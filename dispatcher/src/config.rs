@@ -97,6 +97,12 @@ pub struct GatewayConfig {
     pub tls_cert: Option<PathBuf>,
     /// `GATEWAY_TLS_KEY`: PEM private key of `tls_cert`.
     pub tls_key: Option<PathBuf>,
+    /// `SESSION_HOURS`: how long a login (session cookie) lasts; fractions
+    /// are fine (`0.5` is 30 minutes).
+    pub session_hours: f64,
+    /// `ADMIN_PASSWORD`: a password for `/admin/login`, besides the admin
+    /// token. None by default.
+    pub admin_password: Option<String>,
 }
 
 /// Settings of the dispatcher.
@@ -163,6 +169,8 @@ impl Default for GatewayConfig {
             internal_secret: None,
             tls_cert: None,
             tls_key: None,
+            session_hours: 12.0,
+            admin_password: None,
         }
     }
 }
@@ -263,6 +271,19 @@ impl Config {
         }
         if let Some(v) = get("GATEWAY_TLS_KEY") {
             self.gateway.tls_key = Some(v.into());
+        }
+        if let Some(v) = get("SESSION_HOURS") {
+            self.gateway.session_hours = parse("SESSION_HOURS", v)?;
+        }
+        if !(self.gateway.session_hours.is_finite() && self.gateway.session_hours > 0.0) {
+            return Err(ConfigError::Env {
+                var: "SESSION_HOURS",
+                value: self.gateway.session_hours.to_string(),
+                why: "a session must last a positive number of hours".into(),
+            });
+        }
+        if let Some(v) = get("ADMIN_PASSWORD") {
+            self.gateway.admin_password = Some(v).filter(|v| !v.is_empty());
         }
         if self.gateway.tls_cert.is_some() != self.gateway.tls_key.is_some() {
             return Err(ConfigError::Env {

@@ -22,6 +22,7 @@
 //! - [`executor`]: how a job is actually run: as a dispatched Nomad job, or as
 //!   a local child process; both behind one trait.
 //! - [`drain`]: emptying the GPU before teardown, and resuming after.
+//! - [`estimate`]: queue positions and estimated waits.
 //! - [`run`]: the dispatch loop: keep at most `slots` jobs in flight, follow
 //!   each to its end, and make sure every job ends in a terminal state.
 
@@ -29,6 +30,7 @@ pub mod config;
 pub mod consul;
 pub mod contract;
 pub mod drain;
+pub mod estimate;
 pub mod executor;
 pub mod job;
 pub mod nomad;

@@ -92,8 +92,8 @@ impl Limits {
 /// The highest priority tier (the instructor's "front").
 pub const FRONT_TIER: i64 = 1;
 
-/// Lua defining `plan(n, first_respects_running, max_running)`: the ids of the
-/// first `n` queued jobs in dispatch order.
+/// Lua defining `plan(n, strict, max_running)`: the ids of the first `n`
+/// queued jobs in dispatch order.
 ///
 /// Each user's line is their queued jobs; a user's best job is their highest
 /// tier, then lowest number. Among the users' best jobs the winner has the
@@ -101,16 +101,17 @@ pub const FRONT_TIER: i64 = 1;
 /// lowest number. Picking a job counts as serving its user, so the plan is
 /// the real round-robin. The running limit applies to the first pick (the
 /// one `pop` takes now); later picks assume the jobs before them have ended.
+/// With `strict` (pop) nothing is picked when every user with a line is at
+/// the limit; otherwise (the order shown) such users simply come after.
 pub(crate) const PLAN_LUA: &str = r#"
-local function plan(n, first_respects_running, max_running)
+local function plan(n, strict, max_running)
   local mode = redis.call('GET', 'cm:mode') or 'fifo'
   local running = {}
-  if first_respects_running then
-    for _, id in ipairs(redis.call('SMEMBERS', 'cm:inflight')) do
-      local u = redis.call('HGET', 'cm:job:' .. id, 'user')
-      if u then running[u] = (running[u] or 0) + 1 end
-    end
+  for _, id in ipairs(redis.call('SMEMBERS', 'cm:inflight')) do
+    local u = redis.call('HGET', 'cm:job:' .. id, 'user')
+    if u then running[u] = (running[u] or 0) + 1 end
   end
+  local limited = true
   local lines = {}
   for _, u in ipairs(redis.call('SMEMBERS', 'cm:queued_users')) do
     local user_tier = tonumber(redis.call('HGET', 'cm:user_priority', u) or '0') or 0
@@ -134,7 +135,7 @@ local function plan(n, first_respects_running, max_running)
   while #out < n do
     local best, best_user, best_index
     for u, line in pairs(lines) do
-      if #out > 0 or (running[u] or 0) < max_running then
+      if #out > 0 or not limited or (running[u] or 0) < max_running then
         local cand, ci
         for i, j in ipairs(line) do
           if cand == nil or j.tier > cand.tier or (j.tier == cand.tier and j.number < cand.number) then
@@ -150,12 +151,17 @@ local function plan(n, first_respects_running, max_running)
         if better then best, best_user, best_index = cand, u, ci end
       end
     end
-    if best == nil then break end
-    out[#out + 1] = best.id
-    table.remove(lines[best_user], best_index)
-    if #lines[best_user] == 0 then lines[best_user] = nil end
-    seq = seq + 1
-    served[best_user] = seq
+    if best == nil and #out == 0 and limited and not strict and next(lines) ~= nil then
+      limited = false
+    elseif best == nil then
+      break
+    else
+      out[#out + 1] = best.id
+      table.remove(lines[best_user], best_index)
+      if #lines[best_user] == 0 then lines[best_user] = nil end
+      seq = seq + 1
+      served[best_user] = seq
+    end
   end
   return out
 end

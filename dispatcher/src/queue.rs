@@ -314,16 +314,16 @@ impl Store {
             "{LIMIT_LUA}{PLAN_LUA}{UNQUEUE_LUA}{}",
             r#"
 if redis.call('EXISTS', 'cm:paused') == 1 then return false end
-local next = plan(1, true, limit('max_running_per_user', ARGV[2]))[1]
-if not next then return false end
-local key = 'cm:job:' .. next
+local chosen = plan(1, true, limit('max_running_per_user', ARGV[2]))[1]
+if not chosen then return false end
+local key = 'cm:job:' .. chosen
 local user = redis.call('HGET', key, 'user')
-unqueue(next, user)
+unqueue(chosen, user)
 redis.call('HSET', key, 'state', 'dispatched', 'dispatched_at', ARGV[1])
 redis.call('HINCRBY', key, 'attempts', 1)
-redis.call('SADD', 'cm:inflight', next)
+redis.call('SADD', 'cm:inflight', chosen)
 redis.call('HSET', 'cm:served', user, redis.call('INCR', 'cm:serve_seq'))
-return next"#
+return chosen"#
         );
         let id: Option<String> = Script::new(&lua)
             .arg(now_ms())
@@ -345,7 +345,7 @@ return next"#
     pub async fn order(&self) -> Result<Vec<JobId>, QueueError> {
         let lua = format!(
             "{LIMIT_LUA}{PLAN_LUA}{}",
-            "return plan(redis.call('ZCARD', 'cm:queue'), true, limit('max_running_per_user', ARGV[1]))"
+            "return plan(redis.call('ZCARD', 'cm:queue'), false, limit('max_running_per_user', ARGV[1]))"
         );
         let ids: Vec<String> = Script::new(&lua)
             .arg(self.limits.max_running_per_user)

@@ -146,6 +146,12 @@ async fn handle(store: Store, executor: Arc<dyn Executor>, job: Job) -> Handled 
     if let Err(e) = store.set_executor_ref(&job.id, &started.executor_ref).await {
         tracing::warn!(job = %job.id, "cannot record where the job runs: {e}");
     }
+    // Cancelled while it was being handed over: the cancel could not name the run yet.
+    if let Ok(Some(now)) = store.get(&job.id).await {
+        if now.cancel_requested {
+            stop_run(executor.as_ref(), &started.executor_ref).await;
+        }
+    }
     follow(&store, executor.as_ref(), &job.id, &started).await;
     Handled::Done
 }
@@ -186,6 +192,10 @@ async fn follow(store: &Store, executor: &dyn Executor, id: &JobId, started: &St
     match store.get(id).await {
         Ok(Some(job)) if job.state.is_terminal() => {
             tracing::info!(job = %id, state = %job.state, "job ended");
+        }
+        Ok(Some(job)) if job.cancel_requested => {
+            tracing::info!(job = %id, "cancelled job stopped");
+            settle(store, id, JobState::Cancelled, Some("cancelled".into())).await;
         }
         Ok(Some(_)) => {
             tracing::warn!(job = %id, "job ended without a report from gpu-task: {reason}");

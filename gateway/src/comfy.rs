@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use dispatcher::job::{Job, JobState};
-use dispatcher::queue::NewJob;
+use dispatcher::queue::{Cancelled, NewJob};
 use dispatcher::JobId;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -32,12 +32,15 @@ pub fn routes(_state: &AppState) -> Router<AppState> {
     for prefix in ["/user/{n}/api", "/user/{n}"] {
         router = router
             .route(&format!("{prefix}/prompt"), post(submit).get(prompt_status))
-            .route(&format!("{prefix}/queue"), get(queue))
             .route(&format!("{prefix}/history"), get(history))
             .route(&format!("{prefix}/history/{{id}}"), get(history_one))
-            .route(&format!("{prefix}/view"), get(view));
+            .route(&format!("{prefix}/view"), get(view))
+            .route(&format!("{prefix}/queue"), get(queue).post(queue_delete))
+            .route(&format!("{prefix}/interrupt"), post(interrupt))
+            .route(&format!("{prefix}/jobs/{{id}}/cancel"), post(cancel_one))
+            .route(&format!("{prefix}/jobs/cancel"), post(cancel_many));
     }
-    router
+    router.route("/user/{n}/_gw/queue", get(positions))
 }
 
 /// `POST /prompt`: validate, then queue a job.
@@ -221,4 +224,102 @@ fn synthesized_messages(job: &Job) -> Value {
         }])),
     }
     Value::Array(messages)
+}
+
+#[derive(Deserialize, Default)]
+struct QueueEdit {
+    #[serde(default)]
+    delete: Vec<String>,
+    #[serde(default)]
+    clear: bool,
+}
+
+/// `POST /queue {delete: [ids]} | {clear: true}`: cancels the user's own
+/// waiting jobs (others' ids are ignored, as if they did not exist).
+async fn queue_delete(
+    Participant(user): Participant,
+    State(state): State<AppState>,
+    Json(edit): Json<QueueEdit>,
+) -> Result<Json<Value>, ApiError> {
+    let ids: Vec<String> = if edit.clear {
+        let jobs = state.store.user_jobs(user, 1000).await?;
+        jobs.iter().filter(|j| j.state == JobState::Queued).map(|j| j.id.to_string()).collect()
+    } else {
+        edit.delete
+    };
+    for id in ids {
+        if let Ok(job) = own_job(&state, user, &id).await {
+            if job.state == JobState::Queued {
+                state.store.cancel(&job.id, Some(user)).await?;
+            }
+        }
+    }
+    Ok(Json(json!({})))
+}
+
+#[derive(Deserialize, Default)]
+struct InterruptBody {
+    prompt_id: Option<String>,
+}
+
+/// `POST /interrupt {prompt_id?}`: stops the user's own running job (that
+/// one, or whichever runs). Never anyone else's.
+async fn interrupt(
+    Participant(user): Participant,
+    State(state): State<AppState>,
+    body: Option<Json<InterruptBody>>,
+) -> Result<Json<Value>, ApiError> {
+    let wanted = body.and_then(|Json(b)| b.prompt_id);
+    let targets: Vec<Job> = match wanted {
+        Some(id) => vec![own_job(&state, user, &id).await?],
+        None => state.store.user_jobs(user, 1000).await?.into_iter().filter(|j| j.state.is_in_flight()).collect(),
+    };
+    for job in targets.iter().filter(|j| j.state.is_in_flight()) {
+        state.store.cancel(&job.id, Some(user)).await?;
+    }
+    Ok(Json(json!({})))
+}
+
+/// `POST /jobs/{id}/cancel`: `{cancelled: bool}`; idempotent.
+async fn cancel_one(
+    Participant(user): Participant,
+    State(state): State<AppState>,
+    Path((_n, id)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let job = own_job(&state, user, &id).await?;
+    let outcome = state.store.cancel(&job.id, Some(user)).await?;
+    Ok(Json(json!({ "cancelled": cancelled(&outcome) })))
+}
+
+#[derive(Deserialize)]
+struct CancelMany {
+    job_ids: Vec<String>,
+}
+
+/// `POST /jobs/cancel {job_ids}`: cancels those that are the user's.
+async fn cancel_many(
+    Participant(user): Participant,
+    State(state): State<AppState>,
+    Json(body): Json<CancelMany>,
+) -> Result<Json<Value>, ApiError> {
+    let mut any = false;
+    for id in body.job_ids {
+        if let Ok(job) = own_job(&state, user, &id).await {
+            any |= cancelled(&state.store.cancel(&job.id, Some(user)).await?);
+        }
+    }
+    Ok(Json(json!({ "cancelled": any })))
+}
+
+fn cancelled(outcome: &Cancelled) -> bool {
+    matches!(outcome, Cancelled::Removed | Cancelled::Stopping | Cancelled::AlreadyEnded(JobState::Cancelled))
+}
+
+/// `GET /user/{n}/_gw/queue`: where the user's waiting jobs stand and how
+/// long they may wait (see `dispatcher::estimate` for how).
+pub async fn positions(Participant(user): Participant, State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let places = dispatcher::estimate::places(&state.store, state.slots).await?;
+    let total = places.len();
+    let mine: Vec<_> = places.into_iter().filter(|p| p.user == user).collect();
+    Ok(Json(json!({ "queued_total": total, "jobs": mine })))
 }

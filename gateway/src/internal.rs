@@ -143,6 +143,8 @@ async fn finished(
     }
     let (to, error) = if report.success {
         (JobState::Succeeded, None)
+    } else if job.cancel_requested {
+        (JobState::Cancelled, Some("cancelled".into()))
     } else {
         (JobState::Failed, Some(report.error.unwrap_or_else(|| "gpu-task reported a failure".into())))
     };

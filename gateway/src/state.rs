@@ -17,6 +17,8 @@ pub struct AppState {
     pub limits: Limits,
     /// Shared with gpu-task; guards `/_internal`.
     pub internal_secret: Arc<str>,
+    /// GPUs the dispatcher keeps busy (`dispatcher.slots`), for wait estimates.
+    pub slots: usize,
 }
 
 /// Size limits on what clients send.
