@@ -158,6 +158,9 @@ pub struct Job {
     /// Someone cancelled it while it was in flight: it ends `cancelled`.
     #[serde(default)]
     pub cancel_requested: bool,
+    /// The latest progress gpu-task relayed: `{node, value, max}`.
+    #[serde(default)]
+    pub progress: Option<Value>,
 }
 
 /// Milliseconds since the Unix epoch, now.

@@ -25,6 +25,7 @@
 //! | `cm:served` | hash | user → serve sequence number of their last dispatch (fair mode) |
 //! | `cm:serve_seq` | string | last serve sequence number |
 //! | `cm:runtimes` | list | run times (ms) of the last 50 succeeded jobs, newest first |
+//! | `cm:seen` | hash | user → last time (ms) they were heard from |
 //! | `cm:paused` | string | present while dispatching is paused (drain); says why |
 //! | `cm:wake` | channel | published on every submit, requeue and resume, so dispatchers wake |
 //! | `cm:stop` | channel | executor refs whose run must be stopped by the dispatcher that runs them |
@@ -290,6 +291,7 @@ impl Store {
             executor_ref: None,
             messages: Vec::new(),
             cancel_requested: false,
+            progress: None,
         })
     }
 
@@ -610,6 +612,30 @@ return chosen"#
         Ok(())
     }
 
+    /// Records the latest progress of a job in flight (`{node, value, max}`),
+    /// for the instructor's view. Ignored once the job has ended.
+    pub async fn set_progress(&self, id: &JobId, progress: &Value) -> Result<(), QueueError> {
+        let lua = r#"
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == 'dispatched' or state == 'running' then redis.call('HSET', KEYS[1], 'progress', ARGV[1]) end
+return 0"#;
+        let _: i64 =
+            Script::new(lua).key(job_key(id)).arg(progress.to_string()).invoke_async(&mut self.conn.clone()).await?;
+        Ok(())
+    }
+
+    /// Notes that `user` was just heard from.
+    pub async fn touch_user(&self, user: u32) -> Result<(), QueueError> {
+        let _: () = self.conn.clone().hset("cm:seen", user, now_ms()).await?;
+        Ok(())
+    }
+
+    /// When each user was last heard from (ms since the epoch).
+    pub async fn last_seen(&self) -> Result<BTreeMap<u32, u64>, QueueError> {
+        let seen: BTreeMap<String, u64> = self.conn.clone().hgetall("cm:seen").await?;
+        Ok(seen.into_iter().filter_map(|(u, t)| Some((u.parse().ok()?, t))).collect())
+    }
+
     /// Whether Redis answers.
     pub async fn ping(&self) -> bool {
         redis::cmd("PING").query_async::<String>(&mut self.conn.clone()).await.is_ok()
@@ -680,5 +706,6 @@ fn decode_job(
         executor_ref: take("executor_ref").filter(|s| !s.is_empty()),
         messages,
         cancel_requested: take("cancel_requested").is_some_and(|v| v == "1"),
+        progress: take("progress").and_then(|p| serde_json::from_str(&p).ok()),
     })
 }

@@ -103,6 +103,9 @@ async fn events(
         return Err(ApiError::bad_request("invalid_event", "an event is {\"type\": ..., \"data\": {...}}"));
     }
     retag(message.get_mut("data"), &job.id);
+    if let Some(progress) = progress_of(&message) {
+        state.store.set_progress(&job.id, &progress).await?;
+    }
     state.store.publish_event(job.user, &message).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -154,6 +157,19 @@ async fn finished(
         Ok(_) => Ok(StatusCode::NO_CONTENT),
         Err(QueueError::Transition { from, .. }) if from == to => Ok(StatusCode::NO_CONTENT),
         Err(e) => Err(e.into()),
+    }
+}
+
+/// What the instructor sees of a progress message: the node, and the step
+/// for samplers (`progress`), from `executing` and `progress`.
+fn progress_of(message: &Value) -> Option<Value> {
+    let data = message.get("data")?;
+    match message.get("type")?.as_str()? {
+        "executing" if !data.get("node")?.is_null() => {
+            Some(serde_json::json!({ "node": data["node"], "value": null, "max": null }))
+        }
+        "progress" => Some(serde_json::json!({ "node": data["node"], "value": data["value"], "max": data["max"] })),
+        _ => None,
     }
 }
 
