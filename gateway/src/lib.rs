@@ -5,8 +5,11 @@
 //! - [`state`]: the shared application state every handler gets.
 //! - [`secrets`]: the admin token and the internal secret, from the config or
 //!   generated once into the data folder.
-//! - [`auth`]: participants' access codes (stored hashed in Redis) and the
-//!   [`auth::Participant`] extractor that guards every `/user/{n}/` route.
+//! - [`auth`]: participants' accounts (access codes stored hashed in Redis,
+//!   [`auth::Accounts`]), the [`auth::Participant`] extractor that guards every
+//!   `/user/{n}/` route and the [`auth::Admin`] extractor for `/admin/...`.
+//! - [`session`]: browser sessions (`cm_session`, `cm_admin` cookies).
+//! - [`login`]: the login and logout pages.
 //! - [`error`]: [`error::ApiError`], rendered in ComfyUI's error shape so the
 //!   stock editor shows it.
 //! - [`validate`]: checks a submitted prompt before anything is stored.
@@ -20,7 +23,9 @@ pub mod comfy;
 pub mod error;
 pub mod files;
 pub mod internal;
+pub mod login;
 pub mod secrets;
+pub mod session;
 pub mod state;
 pub mod validate;
 
@@ -36,6 +41,7 @@ pub fn app(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .merge(comfy::routes(&state))
         .merge(internal::routes(&state))
+        .merge(login::routes())
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }

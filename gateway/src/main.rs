@@ -3,6 +3,9 @@
 //! `gateway serve` (the default) listens on `gateway.listen`, generates what
 //! is missing on first start (access codes, admin token, internal secret) and
 //! serves until SIGINT/SIGTERM.
+//!
+//! `gateway users create|list|reset N|disable N|enable N` manages
+//! participants' accounts in Redis; running gateways see every change at once.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,7 +15,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use dispatcher::config::Config;
 use dispatcher::queue::Store;
-use gateway::auth::Auth;
+use gateway::auth::{Accounts, Auth};
+use gateway::session::Sessions;
 use gateway::files::Files;
 use gateway::state::{AppState, Limits};
 
@@ -30,13 +34,40 @@ struct Cli {
 enum Command {
     /// Serve HTTP (the default).
     Serve,
+    /// Participants' accounts: create, list, reset, disable, enable.
+    Users {
+        #[command(subcommand)]
+        action: UsersCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum UsersCommand {
+    /// Add participant N+1 and print its access code (once).
+    Create,
+    /// Every participant: enabled or disabled, has a code, created when.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Give participant N a new access code; the old one and N's sessions stop working at once.
+    Reset { user: u32 },
+    /// Refuse every request of participant N (403) and end its sessions.
+    Disable { user: u32 },
+    /// Let participant N in again.
+    Enable { user: u32 },
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     dispatcher::init_tracing();
     let cli = Cli::parse();
-    match serve(cli.config).await {
+    let result = match cli.command {
+        None | Some(Command::Serve) => serve(cli.config).await,
+        Some(Command::Users { action }) => users(cli.config, action).await,
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("gateway: {e:#}");
@@ -60,8 +91,13 @@ async fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
         .with_limits(config.queue.limits());
     store.init_mode(config.queue.mode).await?;
     let auth_conn = redis::aio::ConnectionManager::new(store.client().clone()).await?;
-    let auth = Auth::new(auth_conn, admin_token, config.gateway.participants);
-    let created = auth.ensure_codes(&data_dir).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let accounts = Accounts::new(auth_conn.clone(), config.gateway.participants, &data_dir);
+    let participants = accounts.init(true).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    tracing::info!(participants, "participants");
+    let session_ttl = std::time::Duration::from_secs_f64(config.gateway.session_hours * 3600.0);
+    let sessions = Sessions::new(auth_conn, session_ttl, config.gateway.tls_cert.is_some());
+    let auth = Auth::new(accounts, sessions, admin_token, config.gateway.admin_password.as_deref());
+    let created = auth.accounts().ensure_codes().await.map_err(|e| anyhow::anyhow!("{e}"))?;
     if !created.is_empty() {
         println!(
             "generated {} access codes; the instructor's copy is {}",
@@ -78,6 +114,7 @@ async fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
             max_output_bytes: config.gateway.max_output_bytes,
         },
         internal_secret: Arc::from(internal_secret),
+        slots: config.dispatcher.slots,
     };
     let listener = std::net::TcpListener::bind(&config.gateway.listen)
         .with_context(|| format!("cannot listen on {}", config.gateway.listen))?;
@@ -98,13 +135,68 @@ async fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
             });
             println!("listening on https://{addr}");
             tracing::info!(%addr, "gateway listening (HTTPS)");
-            axum_server::from_tcp_rustls(listener, tls)?.handle(handle).serve(app.into_make_service()).await?;
+            axum_server::from_tcp_rustls(listener, tls)?.handle(handle).serve(app.into_make_service_with_connect_info::<std::net::SocketAddr>())
+                .await?;
         }
         _ => {
             println!("listening on http://{addr}");
             tracing::info!(%addr, "gateway listening");
             let listener = tokio::net::TcpListener::from_std(listener)?;
-            axum::serve(listener, app).with_graceful_shutdown(dispatcher::shutdown_signal()).await?;
+            axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>())
+                .with_graceful_shutdown(dispatcher::shutdown_signal())
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+/// `gateway users ...`: account changes straight in Redis.
+async fn users(config: Option<PathBuf>, action: UsersCommand) -> anyhow::Result<()> {
+    let config = Config::load(config.as_deref())?;
+    let client = redis::Client::open(config.redis_url.as_str())
+        .with_context(|| format!("invalid REDIS_URL {}", config.redis_url))?;
+    let conn = tokio::time::timeout(std::time::Duration::from_secs(10), client.get_connection_manager())
+        .await
+        .map_err(|_| anyhow::anyhow!("timed out connecting to Redis at {}", config.redis_url))?
+        .with_context(|| format!("cannot connect to Redis at {}", config.redis_url))?;
+    let accounts = Accounts::new(conn, config.gateway.participants, &config.data_dir);
+    // Only when Redis has no count yet: this CLI's config may differ from the gateway's.
+    accounts.init(false).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let fail = |e: gateway::error::ApiError| anyhow::anyhow!("{e}");
+    let issued = |issued: gateway::auth::Issued, what: &str| {
+        println!("{}:{}", issued.user, issued.code);
+        match &issued.handout {
+            Ok(path) => eprintln!("{what} participant {}; the code is also appended to {}", issued.user, path.display()),
+            Err(e) => eprintln!("{what} participant {}; WARNING: {e}: note the code now", issued.user),
+        }
+    };
+    match action {
+        UsersCommand::Create => issued(accounts.create().await.map_err(fail)?, "created"),
+        UsersCommand::Reset { user } => issued(accounts.reset(user).await.map_err(fail)?, "new code for"),
+        UsersCommand::Disable { user } => {
+            let changed = accounts.disable(user).await.map_err(fail)?;
+            println!("participant {user} disabled{}", if changed { "; its sessions ended" } else { " (already)" });
+        }
+        UsersCommand::Enable { user } => {
+            let changed = accounts.enable(user).await.map_err(fail)?;
+            println!("participant {user} enabled{}", if changed { "" } else { " (already)" });
+        }
+        UsersCommand::List { json } => {
+            let list = accounts.list().await.map_err(fail)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                println!("{:>5}  {:<8}  {:<4}  created", "user", "status", "code");
+                for a in list {
+                    let created = a
+                        .created
+                        .map(|t| humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(t)).to_string())
+                        .unwrap_or_else(|| "-".into());
+                    let status = if a.enabled { "enabled" } else { "disabled" };
+                    let code = if a.has_code { "yes" } else { "no" };
+                    println!("{:>5}  {status:<8}  {code:<4}  {created}", a.user);
+                }
+            }
         }
     }
     Ok(())
