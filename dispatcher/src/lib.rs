@@ -23,6 +23,8 @@
 //!   a local child process; both behind one trait.
 //! - [`drain`]: emptying the GPU before teardown, and resuming after.
 //! - [`estimate`]: queue positions and estimated waits.
+//! - [`report`]: the post-workshop report (waits, run times, peak
+//!   participants, failures, GPU busy), as JSON or CSV.
 //! - [`run`]: the dispatch loop: keep at most `slots` jobs in flight, follow
 //!   each to its end, and make sure every job ends in a terminal state.
 
@@ -36,6 +38,7 @@ pub mod job;
 pub mod nomad;
 pub mod policy;
 pub mod queue;
+pub mod report;
 pub mod run;
 
 pub use job::{Job, JobId, JobState};

@@ -5,6 +5,8 @@
 //! - `dispatcher status`: what is queued and in flight.
 //! - `dispatcher drain`: empty the GPU before teardown; `dispatcher resume`
 //!   carries on.
+//! - `dispatcher report`: the post-workshop report (JSON or CSV; see
+//!   `dispatcher::report`).
 //! - `dispatcher register-job`: registers `nomad/comfy-workflow.nomad.hcl`
 //!   with Nomad (parsed by Nomad itself, with HCL2 variables).
 
@@ -48,6 +50,16 @@ enum Command {
     },
     /// Continue dispatching after a drain (and make the GPU nodes eligible).
     Resume,
+    /// The post-workshop report: totals, jobs per participant, waits and run
+    /// times, peak participants, failures by reason, GPU busy fraction.
+    Report {
+        /// JSON (every figure) or CSV (a row per participant).
+        #[arg(long, value_enum, default_value = "json")]
+        format: dispatcher::report::Format,
+        /// Write it to this file instead of stdout.
+        #[arg(long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
     /// Register the parameterized workflow job with Nomad.
     RegisterJob {
         /// The job spec.
@@ -134,6 +146,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("dispatching resumed");
             if !nodes.is_empty() {
                 println!("eligible again: {}", nodes.join(", "));
+            }
+            Ok(())
+        }
+        Command::Report { format, output } => {
+            let jobs = Store::connect(&config.redis_url).await?.all_jobs().await?;
+            let report = dispatcher::report::build(&jobs, config.dispatcher.slots, dispatcher::job::now_ms());
+            let text = format.render(&report);
+            match output {
+                Some(path) => std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?,
+                None => print!("{text}"),
             }
             Ok(())
         }
