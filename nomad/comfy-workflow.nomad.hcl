@@ -90,13 +90,19 @@ job "comfy-workflow" {
         file = "workflow.json"
       }
 
-      # GATEWAY_URL, COMFYUI_URL and INTERNAL_SECRET come from the node's
-      # environment or from the Nomad variable below; nothing secret is here.
+      # INTERNAL_SECRET (the gateway's, see nomad/gateway.nomad.hcl) and,
+      # optionally, CONSUL_HTTP_TOKEN (item consul_token, a token with
+      # consul/acl/gpu-task.hcl) come from the Nomad variable below; nothing
+      # secret is here. GATEWAY_URL and COMFYUI_URL may come from the node's
+      # environment (raw_exec tasks inherit the Nomad client's), but Nomad
+      # strips tokens such as CONSUL_HTTP_TOKEN from it (client env.denylist),
+      # so under Consul ACLs the token must come from the variable.
       template {
         destination = "secrets/comfy-multi.env"
         env         = true
         data        = <<-EOT
-        {{ with nomadVar "nomad/jobs/comfy-workflow" }}INTERNAL_SECRET={{ .internal_secret }}{{ end }}
+        {{ with nomadVar "nomad/jobs/comfy-workflow" }}INTERNAL_SECRET={{ .internal_secret }}
+        {{ range .Tuples }}{{ if eq .K "consul_token" }}CONSUL_HTTP_TOKEN={{ .V }}{{ end }}{{ end }}{{ end }}
         EOT
       }
 
