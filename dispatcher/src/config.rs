@@ -117,6 +117,9 @@ pub struct DispatcherConfig {
     pub gpu_task_bin: PathBuf,
     /// `WORK_DIR`: where the local executor makes each job's task dir.
     pub work_dir: Option<PathBuf>,
+    /// `MAX_ATTEMPTS`: runs a job may get when they end without a result
+    /// (gpu-task crashed, node lost) before it fails.
+    pub max_attempts: u32,
 }
 
 /// How to reach Nomad.
@@ -182,6 +185,7 @@ impl Default for DispatcherConfig {
             slots: 1,
             gpu_task_bin: PathBuf::from("gpu-task"),
             work_dir: None,
+            max_attempts: 3,
         }
     }
 }
@@ -326,6 +330,9 @@ impl Config {
         }
         if let Some(v) = get("GPU_TASK_BIN") {
             self.dispatcher.gpu_task_bin = v.into();
+        }
+        if let Some(v) = get("MAX_ATTEMPTS") {
+            self.dispatcher.max_attempts = parse("MAX_ATTEMPTS", v)?;
         }
         if let Some(v) = get("WORK_DIR") {
             self.dispatcher.work_dir = Some(v.into());

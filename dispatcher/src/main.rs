@@ -113,7 +113,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 slots = config.dispatcher.slots,
                 "dispatcher running"
             );
-            Dispatcher::new(store, executor, config.dispatcher.slots).run(dispatcher::shutdown_signal()).await?;
+            Dispatcher::new(store, executor, config.dispatcher.slots)
+                .with_max_attempts(config.dispatcher.max_attempts)
+                .run(dispatcher::shutdown_signal())
+                .await?;
             tracing::info!("dispatcher stopped; jobs in flight keep running and are followed on restart");
             Ok(())
         }

@@ -3,8 +3,11 @@
 //! Keeps at most `slots` jobs in flight: takes the next job atomically from
 //! the queue, hands it to the executor, follows it to its end, and makes sure
 //! it ends in a terminal state even when gpu-task could not report (crash, no
-//! gateway). When the executor is unreachable the job goes back to the queue
-//! and the loop backs off; nothing is dropped.
+//! gateway). A run that ended without gpu-task's report (it crashed, its node
+//! was lost) goes back to the front of its user's line, up to `max_attempts`
+//! runs, then fails with the reason the executor gave. When the executor is
+//! unreachable the job goes back to the queue and the loop backs off; nothing
+//! is dropped.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +31,7 @@ pub struct Dispatcher {
     store: Store,
     executor: Arc<dyn Executor>,
     slots: usize,
+    max_attempts: u32,
 }
 
 const MIN_BACKOFF: Duration = Duration::from_millis(500);
@@ -35,7 +39,14 @@ const MAX_BACKOFF: Duration = Duration::from_secs(15);
 
 impl Dispatcher {
     pub fn new(store: Store, executor: Arc<dyn Executor>, slots: usize) -> Self {
-        Dispatcher { store, executor, slots: slots.max(1) }
+        Dispatcher { store, executor, slots: slots.max(1), max_attempts: 3 }
+    }
+
+    /// Runs that may end without a report (crash, lost node) before the job
+    /// fails; at least 1.
+    pub fn with_max_attempts(mut self, max_attempts: u32) -> Self {
+        self.max_attempts = max_attempts.max(1);
+        self
     }
 
     /// Runs until `shutdown` completes. Jobs still in flight then are left
@@ -51,8 +62,8 @@ impl Dispatcher {
         for id in self.store.inflight().await? {
             if let Some(job) = self.store.get(&id).await? {
                 tracing::info!(job = %id, state = %job.state, "following a job left in flight");
-                let (store, executor) = (self.store.clone(), self.executor.clone());
-                tasks.spawn(async move { resume(store, executor, job).await });
+                let (store, executor, max) = (self.store.clone(), self.executor.clone(), self.max_attempts);
+                tasks.spawn(async move { resume(store, executor, job, max).await });
             }
         }
 
@@ -62,8 +73,8 @@ impl Dispatcher {
                     match self.store.pop_next().await {
                         Ok(Some(job)) => {
                             tracing::info!(job = %job.id, user = job.user, "dispatching");
-                            let (store, executor) = (self.store.clone(), self.executor.clone());
-                            tasks.spawn(async move { handle(store, executor, job).await });
+                            let (store, executor, max) = (self.store.clone(), self.executor.clone(), self.max_attempts);
+                            tasks.spawn(async move { handle(store, executor, job, max).await });
                         }
                         Ok(None) => break,
                         Err(e) => {
@@ -129,7 +140,7 @@ async fn stop_run(executor: &dyn Executor, executor_ref: &str) {
     }
 }
 
-async fn handle(store: Store, executor: Arc<dyn Executor>, job: Job) -> Handled {
+async fn handle(store: Store, executor: Arc<dyn Executor>, job: Job, max_attempts: u32) -> Handled {
     let started = match executor.start(&job).await {
         Ok(started) => started,
         Err(ExecutorError::Unavailable(why)) => {
@@ -152,20 +163,20 @@ async fn handle(store: Store, executor: Arc<dyn Executor>, job: Job) -> Handled 
             stop_run(executor.as_ref(), &started.executor_ref).await;
         }
     }
-    follow(&store, executor.as_ref(), &job.id, &started).await;
+    follow(&store, executor.as_ref(), &job.id, &started, max_attempts).await;
     Handled::Done
 }
 
 /// Follows a job an earlier dispatcher run left in flight.
-async fn resume(store: Store, executor: Arc<dyn Executor>, job: Job) -> Handled {
+async fn resume(store: Store, executor: Arc<dyn Executor>, job: Job, max_attempts: u32) -> Handled {
     match job.executor_ref.clone() {
         Some(executor_ref) => {
             let started = Started { executor_ref, index: 0 };
-            follow(&store, executor.as_ref(), &job.id, &started).await;
+            follow(&store, executor.as_ref(), &job.id, &started, max_attempts).await;
         }
         None => {
             // Taken from the queue but never handed over: hand it over now.
-            return handle(store, executor, job).await;
+            return handle(store, executor, job, max_attempts).await;
         }
     }
     Handled::Done
@@ -173,7 +184,7 @@ async fn resume(store: Store, executor: Arc<dyn Executor>, job: Job) -> Handled 
 
 /// Waits for the executor to report the end, then makes sure the job is in a
 /// terminal state.
-async fn follow(store: &Store, executor: &dyn Executor, id: &JobId, started: &Started) {
+async fn follow(store: &Store, executor: &dyn Executor, id: &JobId, started: &Started, max_attempts: u32) {
     let mut delay = MIN_BACKOFF;
     let outcome = loop {
         match executor.wait(started).await {
@@ -197,9 +208,19 @@ async fn follow(store: &Store, executor: &dyn Executor, id: &JobId, started: &St
             tracing::info!(job = %id, "cancelled job stopped");
             settle(store, id, JobState::Cancelled, Some("cancelled".into())).await;
         }
-        Ok(Some(_)) => {
+        Ok(Some(job)) if job.attempts < max_attempts => {
+            tracing::warn!(
+                job = %id,
+                attempt = job.attempts,
+                "run ended without a report from gpu-task ({reason}); back to the front of its user's line"
+            );
+            let why = format!("attempt {} ended without a result: {reason}", job.attempts);
+            settle(store, id, JobState::Queued, Some(why)).await;
+        }
+        Ok(Some(job)) => {
             tracing::warn!(job = %id, "job ended without a report from gpu-task: {reason}");
-            settle(store, id, JobState::Failed, Some(reason)).await;
+            let why = if job.attempts > 1 { format!("{reason} (after {} attempts)", job.attempts) } else { reason };
+            settle(store, id, JobState::Failed, Some(why)).await;
         }
         Ok(None) => tracing::warn!(job = %id, "job vanished from the store"),
         Err(e) => tracing::warn!(job = %id, "cannot read the job back: {e}"),

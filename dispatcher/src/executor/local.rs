@@ -109,10 +109,12 @@ impl LocalExecutor {
             let outcome = match child.wait().await {
                 Ok(status) if status.success() => Outcome::Completed,
                 Ok(status) => Outcome::Failed {
-                    reason: if last_line.is_empty() {
-                        format!("gpu-task exited with {status}")
-                    } else {
-                        last_line
+                    reason: match std::os::unix::process::ExitStatusExt::signal(&status) {
+                        // Killed: whatever it last logged is not its reason.
+                        Some(signal) => format!("gpu-task was killed by signal {signal}"),
+                        // It prints its one-line reason last.
+                        None if !last_line.is_empty() => last_line,
+                        None => format!("gpu-task exited with {status}"),
                     },
                 },
                 Err(e) => Outcome::Lost { reason: format!("lost the gpu-task process: {e}") },
