@@ -6,17 +6,22 @@
 # scripts/test.sh) and by scripts/start.sh.
 #
 #   scripts/install-deps.sh            # everything the tests need
-#   scripts/install-deps.sh --browser  # also Chromium + ChromeDriver (optional)
+#   scripts/install-deps.sh --browser  # also ChromeDriver (optional)
 #
 # What it installs:
 #   - Debian packages: redis-server (we start our own instances on free ports;
 #     the system service is neither needed nor started by this script),
-#     packer, shellcheck, wrk, curl.
+#     packer, shellcheck, wrk, curl, chromium (the admin page's headless
+#     browser test), and nodejs / npm when there is no `node` / `npm` yet.
 #   - Consul $CONSUL_VERSION: the binary of Debian bullseye's `consul` package,
 #     fetched through a private apt configuration under the cache, so the
 #     system's apt sources are never touched. Ends up in $CACHE/bin/consul.
 #   - The pinned ComfyUI editor: PyPI's $FRONTEND_PACKAGE==$FRONTEND_VERSION
 #     (the one ComfyUI v0.3.64 ships with), unpacked under $CACHE/frontend/.
+#   - The browser tests' JavaScript: `npm ci` in tests/browser (playwright-core,
+#     pinned by its package-lock.json; it drives Debian's chromium and never
+#     downloads a browser) into tests/browser/node_modules (gitignored), with
+#     npm's download cache in $CACHE/npm.
 #
 # Everything downloaded lives in the cache folder, outside git:
 #   ${COMFY_MULTI_CACHE:-$HOME/.cache/comfy-multi}
@@ -33,10 +38,12 @@ FRONTEND_PACKAGE=comfyui-frontend-package
 FRONTEND_VERSION=1.27.10
 FRONTEND_WHEEL_SHA256=822b2ef715771ec83ad19605d02e25b069991d366b81ccc550ab280ae9c831b8
 
-APT_PACKAGES=(redis-server packer shellcheck wrk curl ca-certificates debian-archive-keyring)
-BROWSER_PACKAGES=(chromium chromium-driver)
+APT_PACKAGES=(redis-server packer shellcheck wrk curl ca-certificates debian-archive-keyring chromium)
+BROWSER_PACKAGES=(chromium-driver)
 
 CACHE=${COMFY_MULTI_CACHE:-$HOME/.cache/comfy-multi}
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BROWSER_JS_DIR="$ROOT/tests/browser"
 
 # ---- helpers ----------------------------------------------------------------
 log() { printf '[install-deps] %s\n' "$*"; }
@@ -84,7 +91,7 @@ write_if_changed() {
 WANT_BROWSER=0
 while [ "$#" -gt 0 ]; do
     case $1 in
-        --browser) WANT_BROWSER=1 ;; # OPTIONAL: Chromium for browser tests; off by default
+        --browser) WANT_BROWSER=1 ;; # OPTIONAL: ChromeDriver; off by default (chromium itself is always installed)
         -h | --help) usage; exit 0 ;;
         *) die "unknown argument: $1" "run '$0 --help'" ;;
     esac
@@ -110,6 +117,10 @@ step_apt() {
     if [ "$WANT_BROWSER" -eq 1 ]; then
         wanted+=("${BROWSER_PACKAGES[@]}")
     fi
+    # Node.js for the browser tests; Debian's only when there is none (a
+    # NodeSource nodejs already brings npm and conflicts with Debian's npm).
+    command -v node >/dev/null 2>&1 || wanted+=(nodejs)
+    command -v npm >/dev/null 2>&1 || wanted+=(npm)
     # pip for `pip download`; Debian's python3-pip only if python3 has none.
     if ! command -v python3 >/dev/null 2>&1; then
         wanted+=(python3 python3-pip)
@@ -253,10 +264,33 @@ step_rust() {
     fi
 }
 
+# ---- 5. The browser tests' JavaScript ----------------------------------------
+BROWSER_JS_MARKER="$BROWSER_JS_DIR/node_modules/.comfy-multi-lock.sha256"
+
+step_browser_js() {
+    local lock="$BROWSER_JS_DIR/package-lock.json" want
+    [ -f "$lock" ] || die "missing $lock" "restore tests/browser from git"
+    want=$(sha256sum "$lock" | cut -d' ' -f1)
+    if [ -f "$BROWSER_JS_MARKER" ] && [ "$(cat "$BROWSER_JS_MARKER")" = "$want" ] \
+        && [ -f "$BROWSER_JS_DIR/node_modules/playwright-core/package.json" ]; then
+        log "browser js: tests/browser/node_modules matches package-lock.json"
+        return 0
+    fi
+    command -v npm >/dev/null 2>&1 || die "npm not found" "apt-get install npm (or a Node.js that ships npm)"
+    log "browser js: npm ci in tests/browser (playwright-core; no browser download)"
+    (cd "$BROWSER_JS_DIR" && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --cache "$CACHE/npm" \
+        --no-audit --no-fund --loglevel=error) \
+        || die "npm ci in $BROWSER_JS_DIR" \
+            "check access to the npm registry ('npm config get registry'), then re-run"
+    printf '%s\n' "$want" >"$BROWSER_JS_MARKER"
+    log "browser js: installed into $BROWSER_JS_DIR/node_modules"
+}
+
 step_apt
 step_consul
 step_frontend
 step_rust
+step_browser_js
 
 write_if_changed "$CACHE/env.sh" "# Written by scripts/install-deps.sh; source it.
 export COMFY_MULTI_CACHE='$CACHE'
@@ -268,4 +302,6 @@ log "  cache:           $CACHE"
 log "  consul:          $CACHE/bin/consul ($(consul_version))"
 log "  redis-server:    $(command -v redis-server)"
 log "  frontend static: $FRONTEND_STATIC"
+log "  chromium:        $(command -v chromium || echo missing)"
+log "  browser js:      $BROWSER_JS_DIR/node_modules"
 log "  env for shells:  . $CACHE/env.sh"

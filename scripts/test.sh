@@ -31,7 +31,7 @@ echo "COMFYUI_FRONTEND_DIR=$COMFYUI_FRONTEND_DIR"
 echo "CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}"
 
 step "shellcheck"
-scripts=(scripts/*.sh .ci/run)
+scripts=(scripts/*.sh packer/scripts/*.sh consul/*.sh .ci/run)
 shellcheck "${scripts[@]}" || fail "shellcheck ${scripts[*]}"
 echo "shellcheck: ${#scripts[@]} scripts clean"
 
