@@ -893,6 +893,15 @@ impl NomadClient {
         Ok(self.json(rb, "a node read").await?.0)
     }
 
+    /// The allocations placed on node `id` (every status; see
+    /// [`AllocationStub::is_terminal`]).
+    pub async fn node_allocations(&self, id: &str) -> Result<Vec<AllocationStub>, NomadError> {
+        let rb = self
+            .request(reqwest::Method::GET, &format!("/v1/node/{}/allocations", encode_id(id)))
+            .timeout(REQUEST_TIMEOUT);
+        Ok(self.json(rb, "a node's allocation list").await?.0)
+    }
+
     /// Starts draining a node: it becomes ineligible, and allocations still
     /// running after `deadline` are stopped. `None` cancels a drain.
     pub async fn drain_node(

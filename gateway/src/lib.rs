@@ -17,7 +17,10 @@
 //! - [`comfy`]: the per-user ComfyUI server API (`/user/{n}/api/...`).
 //! - [`internal`]: the internal API gpu-task calls (`/_internal/...`),
 //!   guarded by the shared secret.
+//! - [`admin`]: the instructor's admin page (`/admin/`), its live websocket
+//!   and its actions (`/admin/api/...`).
 
+pub mod admin;
 pub mod auth;
 pub mod comfy;
 pub mod error;
@@ -42,6 +45,7 @@ pub fn app(state: AppState) -> Router {
         .merge(comfy::routes(&state))
         .merge(internal::routes(&state))
         .merge(login::routes())
+        .merge(admin::routes())
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }

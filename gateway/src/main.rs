@@ -115,6 +115,7 @@ async fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
         },
         internal_secret: Arc::from(internal_secret),
         slots: config.dispatcher.slots,
+        cluster: admin_cluster(&config)?,
     };
     let listener = std::net::TcpListener::bind(&config.gateway.listen)
         .with_context(|| format!("cannot listen on {}", config.gateway.listen))?;
@@ -148,6 +149,21 @@ async fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// What the admin page reads of the cluster: Nomad's nodes with the Nomad
+/// executor (`nomad.addr`), and whether Consul answers (`consul.addr`).
+fn admin_cluster(config: &Config) -> anyhow::Result<gateway::admin::Cluster> {
+    use dispatcher::config::ExecutorKind;
+    let nomad = match config.dispatcher.executor {
+        ExecutorKind::Nomad => Some(
+            dispatcher::nomad::NomadClient::new(&config.nomad.addr, config.nomad.token.clone())
+                .context("NOMAD_ADDR is needed for the admin page's view of the GPU nodes")?,
+        ),
+        ExecutorKind::Local => None,
+    };
+    let consul = dispatcher::consul::ConsulClient::new(&config.consul.addr, config.consul.token.clone());
+    Ok(gateway::admin::Cluster::new(config.dispatcher.executor, nomad, Some(consul), config.nomad.gpu_node_pool.clone()))
 }
 
 /// `gateway users ...`: account changes straight in Redis.

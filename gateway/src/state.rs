@@ -19,6 +19,8 @@ pub struct AppState {
     pub internal_secret: Arc<str>,
     /// GPUs the dispatcher keeps busy (`dispatcher.slots`), for wait estimates.
     pub slots: usize,
+    /// What the admin page shows of Nomad and Consul, and its live hub.
+    pub cluster: crate::admin::Cluster,
 }
 
 /// Size limits on what clients send.
