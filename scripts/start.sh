@@ -172,7 +172,8 @@ ENV
 chmod 600 "$LOCAL/stack.env"
 
 say "comfy-multi is up (executor: $EXECUTOR)"
-say "  gateway:  $GATEWAY_URL"
+say "  gateway:  $GATEWAY_URL (participants log in at $GATEWAY_URL/login)"
+say "  admin:    $GATEWAY_URL/admin/ (log in with ADMIN_TOKEN from $LOCAL/stack.env)"
 say "  ComfyUI:  $COMFY"
 say "  Consul:   $CONSUL_HTTP_ADDR"
 say "  Redis:    $REDIS_URL"
