@@ -182,7 +182,7 @@ build {
       "bash gpu-task.sh",
       "bash models.sh",
       "install -d -m 0755 ${local.image_dir}",
-      "install -m 0755 nvidia.sh consul.sh nomad.sh comfyui.sh gpu-task.sh models.sh ${local.image_dir}/",
+      "install -m 0755 lib.sh nvidia.sh consul.sh nomad.sh comfyui.sh gpu-task.sh models.sh ${local.image_dir}/",
       "install -m 0644 models.json ${local.image_dir}/models.json",
       "printf 'NVIDIA_DRIVER_MAJOR=%s\\nNOMAD_VERSION=%s\\nNOMAD_DEVICE_NVIDIA_VERSION=%s\\nNOMAD_PLUGIN_DIR=%s\\nCONSUL_VERSION=%s\\nCOMFYUI_COMMIT=%s\\nTORCH_PINS=\"%s\"\\n' \"$NVIDIA_DRIVER_MAJOR\" \"$NOMAD_VERSION\" \"$NOMAD_DEVICE_NVIDIA_VERSION\" \"$NOMAD_PLUGIN_DIR\" \"$CONSUL_VERSION\" \"$COMFYUI_COMMIT\" \"$TORCH_PINS\" > ${local.image_dir}/pins.env",
       "for s in nvidia consul nomad comfyui gpu-task models; do bash ${local.image_dir}/$s.sh --check; done",

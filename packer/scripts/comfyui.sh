@@ -45,30 +45,9 @@ WRITABLE=(input output temp user)
 # Modules ComfyUI's requirements.txt brings (import names), checked by --check.
 IMPORTS=(torch torchvision torchaudio torchsde numpy einops transformers tokenizers sentencepiece safetensors aiohttp yarl yaml PIL scipy tqdm psutil alembic sqlalchemy av kornia spandrel pydantic pydantic_settings comfyui_frontend_package comfyui_workflow_templates comfyui_embedded_docs)
 
-log() { printf '[%s] %s\n' "$NAME" "$*"; }
-
-# die WHAT FIX...: say what failed and how to fix it, then exit non-zero.
-die() {
-    local what=$1
-    shift
-    printf '[%s] FAILED: %s\n' "$NAME" "$what" >&2
-    if [ "$#" -gt 0 ]; then
-        printf '[%s]   how to fix: %s\n' "$NAME" "$@" >&2
-    fi
-    exit 1
-}
-
-usage() { sed -n '2,/^set -euo pipefail$/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
-
-MODE=install
-while [ "$#" -gt 0 ]; do
-    case $1 in
-        --check) MODE=check ;;
-        -h | --help) usage; exit 0 ;;
-        *) die "unknown argument: $1" "run '$0 --help'" ;;
-    esac
-    shift
-done
+# shellcheck source=lib.sh source-path=SCRIPTDIR
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+parse_args "$@"
 
 case $COMFYUI_COMMIT in
     *[!0-9a-f]* | '') die "COMFYUI_COMMIT must be a full git commit id (40 hex digits), got '$COMFYUI_COMMIT'" "pin a commit, not a branch or tag" ;;
@@ -119,9 +98,7 @@ if [ "$MODE" = check ]; then
             || problems+=("$COMFYUI_DIR/$d is missing or not owned by comfyui (output/ is the host volume comfyui-output)")
     done
     if [ "${#problems[@]}" -gt 0 ]; then
-        for p in "${problems[@]}"; do
-            printf '[%s] MISSING: %s\n' "$NAME" "$p" >&2
-        done
+        print_missing "${problems[@]}"
         die "this host has no usable ComfyUI at $COMFYUI_DIR (${#problems[@]} problem(s) above)" \
             "run 'sudo $0' (the Packer build does it for the GPU image); torch without a GPU: see nvidia.sh --check"
     fi
@@ -130,7 +107,7 @@ if [ "$MODE" = check ]; then
 fi
 
 # ---- install ------------------------------------------------------------------
-[ "$(id -u)" -eq 0 ] || die "installing needs root" "run 'sudo $0'"
+need_root "$0"
 
 need=()
 command -v git >/dev/null 2>&1 || need+=(git)

@@ -41,39 +41,11 @@ CONSUL_DATA_DIR=${CONSUL_DATA_DIR:-/var/lib/consul}
 CONSUL_BIN=/usr/local/bin/consul
 CONSUL_UNIT=/etc/systemd/system/consul.service
 
-log() { printf '[%s] %s\n' "$NAME" "$*"; }
+# shellcheck source=lib.sh source-path=SCRIPTDIR
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+parse_args "$@"
 
-# die WHAT FIX...: say what failed and how to fix it, then exit non-zero.
-die() {
-    local what=$1
-    shift
-    printf '[%s] FAILED: %s\n' "$NAME" "$what" >&2
-    if [ "$#" -gt 0 ]; then
-        printf '[%s]   how to fix: %s\n' "$NAME" "$@" >&2
-    fi
-    exit 1
-}
-
-usage() { sed -n '2,/^set -euo pipefail$/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
-
-MODE=install
-while [ "$#" -gt 0 ]; do
-    case $1 in
-        --check) MODE=check ;;
-        -h | --help) usage; exit 0 ;;
-        *) die "unknown argument: $1" "run '$0 --help'" ;;
-    esac
-    shift
-done
-
-# "Consul v1.21.4\nRevision ..." -> 1.21.4; empty if it does not run.
-installed_version() {
-    local out
-    out=$("$CONSUL_BIN" version 2>/dev/null) || return 0
-    out=${out%%$'\n'*}
-    out=${out#Consul v}
-    printf '%s' "${out%% *}"
-}
+installed_version() { bin_version "$CONSUL_BIN" Consul; }
 
 unit_text() {
     cat <<UNIT
@@ -104,25 +76,12 @@ UNIT
 # ---- --check ------------------------------------------------------------------
 if [ "$MODE" = check ]; then
     problems=()
-    have=$(installed_version)
-    if [ ! -x "$CONSUL_BIN" ]; then
-        problems+=("$CONSUL_BIN is missing (Consul $CONSUL_VERSION not installed)")
-    elif [ "$have" != "$CONSUL_VERSION" ]; then
-        problems+=("$CONSUL_BIN is version '${have:-unknown}', expected $CONSUL_VERSION")
-    fi
+    check_version "$CONSUL_BIN" Consul "$CONSUL_VERSION"
     getent passwd consul >/dev/null 2>&1 || problems+=("system user 'consul' is missing")
-    if [ ! -f "$CONSUL_UNIT" ]; then
-        problems+=("systemd unit $CONSUL_UNIT is missing")
-    elif [ "$(cat "$CONSUL_UNIT")" != "$(unit_text)" ]; then
-        problems+=("systemd unit $CONSUL_UNIT differs from the one this script writes")
-    fi
-    for d in "$CONSUL_CONFIG_DIR" "$CONSUL_DATA_DIR"; do
-        [ -d "$d" ] || problems+=("folder $d is missing")
-    done
+    check_unit "$CONSUL_UNIT" "$(unit_text)"
+    check_dirs "$CONSUL_CONFIG_DIR" "$CONSUL_DATA_DIR"
     if [ "${#problems[@]}" -gt 0 ]; then
-        for p in "${problems[@]}"; do
-            printf '[%s] MISSING: %s\n' "$NAME" "$p" >&2
-        done
+        print_missing "${problems[@]}"
         die "this host is not provisioned for Consul (${#problems[@]} problem(s) above)" \
             "run 'sudo $0' (the Packer build does it for the GPU image)"
     fi
@@ -131,11 +90,9 @@ if [ "$MODE" = check ]; then
 fi
 
 # ---- install ------------------------------------------------------------------
-[ "$(id -u)" -eq 0 ] || die "installing needs root" "run 'sudo $0'"
-for tool in curl dpkg-deb sha256sum install systemctl useradd; do
-    command -v "$tool" >/dev/null 2>&1 || die "$tool not found" "install it (apt-get install -y curl dpkg coreutils systemd passwd)"
-done
-[ "$(uname -m)" = x86_64 ] || die "this script installs linux_amd64 builds, this host is $(uname -m)" "use an x86_64 instance"
+need_root "$0"
+need_tools "apt-get install -y curl dpkg coreutils systemd passwd" curl dpkg-deb sha256sum install systemctl useradd
+need_x86_64
 
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
@@ -147,15 +104,15 @@ else
     got=
     for mirror in $CONSUL_MIRRORS; do
         url=$mirror/pool/main/c/consul/$CONSUL_DEB
-        if curl -fsSL --retry 3 --retry-delay 2 -o "$TMP/$CONSUL_DEB" "$url"; then
-            got=$(sha256sum "$TMP/$CONSUL_DEB" | cut -d' ' -f1)
+        if download "$url" "$TMP/$CONSUL_DEB"; then
+            got=1
             break
         fi
         log "not at $url, trying the next mirror"
     done
     [ -n "$got" ] || die "cannot download $CONSUL_DEB from any of: $CONSUL_MIRRORS" \
         "check the network; set CONSUL_MIRRORS to a Debian mirror that still has bullseye's pool"
-    [ "$got" = "$CONSUL_SHA256" ] || die "checksum mismatch for $CONSUL_DEB: got $got, expected $CONSUL_SHA256" \
+    verify_sha256 "$TMP/$CONSUL_DEB" "$CONSUL_SHA256" \
         "do not use this file; check the pinned consul_deb/consul_sha256 in packer/gpu-node.pkr.hcl"
     dpkg-deb -x "$TMP/$CONSUL_DEB" "$TMP/deb" || die "dpkg-deb -x $CONSUL_DEB failed" "the file may be truncated; run again"
     [ -f "$TMP/deb/usr/bin/consul" ] || die "no usr/bin/consul inside $CONSUL_DEB" "check consul_deb"
@@ -170,11 +127,5 @@ fi
 install -d -m 0750 -o root -g consul "$CONSUL_CONFIG_DIR"
 install -d -m 0750 -o consul -g consul "$CONSUL_DATA_DIR"
 
-if [ -f "$CONSUL_UNIT" ] && [ "$(cat "$CONSUL_UNIT")" = "$(unit_text)" ]; then
-    log "systemd unit $CONSUL_UNIT up to date"
-else
-    unit_text >"$CONSUL_UNIT"
-    systemctl daemon-reload
-    log "wrote $CONSUL_UNIT (not enabled: the agent config comes at deploy/boot time)"
-fi
+install_unit "$CONSUL_UNIT" "$(unit_text)"
 log "done: $("$CONSUL_BIN" version | head -n 1)"

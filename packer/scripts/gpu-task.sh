@@ -21,32 +21,11 @@ NAME=gpu-task.sh
 DEST=/usr/local/bin/gpu-task
 SUMFILE=/usr/local/share/comfy-multi/gpu-task.sha256
 
-log() { printf '[%s] %s\n' "$NAME" "$*"; }
-
-# die WHAT FIX...: say what failed and how to fix it, then exit non-zero.
-die() {
-    local what=$1
-    shift
-    printf '[%s] FAILED: %s\n' "$NAME" "$what" >&2
-    if [ "$#" -gt 0 ]; then
-        printf '[%s]   how to fix: %s\n' "$NAME" "$@" >&2
-    fi
-    exit 1
-}
-
-usage() { sed -n '2,/^set -euo pipefail$/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
-
-MODE=install
+# shellcheck source=lib.sh source-path=SCRIPTDIR
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 SRC=${GPU_TASK_SRC:-/tmp/comfy-multi-build/gpu-task}
-while [ "$#" -gt 0 ]; do
-    case $1 in
-        --check) MODE=check ;;
-        -h | --help) usage; exit 0 ;;
-        -*) die "unknown argument: $1" "run '$0 --help'" ;;
-        *) SRC=$1 ;;
-    esac
-    shift
-done
+script_arg() { case $1 in -*) return 1 ;; *) SRC=$1 ;; esac; }
+parse_args "$@"
 
 # ---- --check ------------------------------------------------------------------
 if [ "$MODE" = check ]; then
@@ -57,14 +36,12 @@ if [ "$MODE" = check ]; then
         out=$("$DEST" --version 2>&1) || problems+=("$DEST --version fails: ${out//$'\n'/ }")
         if [ ! -f "$SUMFILE" ]; then
             problems+=("$SUMFILE is missing (gpu-task was not installed by this script)")
-        elif [ "$(cut -d' ' -f1 "$SUMFILE")" != "$(sha256sum "$DEST" | cut -d' ' -f1)" ]; then
+        elif [ "$(cut -d' ' -f1 "$SUMFILE")" != "$(sha_of "$DEST")" ]; then
             problems+=("$DEST changed since it was installed (sha256 differs from $SUMFILE)")
         fi
     fi
     if [ "${#problems[@]}" -gt 0 ]; then
-        for p in "${problems[@]}"; do
-            printf '[%s] MISSING: %s\n' "$NAME" "$p" >&2
-        done
+        print_missing "${problems[@]}"
         die "gpu-task is not installed on this host (${#problems[@]} problem(s) above)" \
             "build it (cargo build --release -p gpu-task) and run 'sudo $0 target/release/gpu-task' (the Packer build does it for the GPU image)"
     fi
@@ -73,7 +50,7 @@ if [ "$MODE" = check ]; then
 fi
 
 # ---- install ------------------------------------------------------------------
-[ "$(id -u)" -eq 0 ] || die "installing needs root" "run 'sudo $0 $SRC'"
+need_root "$0 $SRC"
 [ -f "$SRC" ] || die "gpu-task binary not found at $SRC" \
     "build it with 'cargo build --release -p gpu-task' and pass its path (Packer: -var gpu_task_binary=...)"
 out=$("$SRC" --version 2>&1) || die "$SRC does not run on this host: ${out//$'\n'/ }" \

@@ -32,32 +32,11 @@ NAME=models.sh
 COMFYUI_DIR=${COMFYUI_DIR:-/opt/comfyui}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
-log() { printf '[%s] %s\n' "$NAME" "$*"; }
-
-# die WHAT FIX...: say what failed and how to fix it, then exit non-zero.
-die() {
-    local what=$1
-    shift
-    printf '[%s] FAILED: %s\n' "$NAME" "$what" >&2
-    if [ "$#" -gt 0 ]; then
-        printf '[%s]   how to fix: %s\n' "$NAME" "$@" >&2
-    fi
-    exit 1
-}
-
-usage() { sed -n '2,/^set -euo pipefail$/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
-
-MODE=install
+# shellcheck source=lib.sh source-path=SCRIPTDIR
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 MANIFEST=${MODELS_MANIFEST:-}
-while [ "$#" -gt 0 ]; do
-    case $1 in
-        --check) MODE=check ;;
-        -h | --help) usage; exit 0 ;;
-        -*) die "unknown argument: $1" "run '$0 --help'" ;;
-        *) MANIFEST=$1 ;;
-    esac
-    shift
-done
+script_arg() { case $1 in -*) return 1 ;; *) MANIFEST=$1 ;; esac; }
+parse_args "$@"
 if [ -z "$MANIFEST" ]; then
     if [ -f "$HERE/models.json" ]; then MANIFEST=$HERE/models.json; else MANIFEST=$HERE/../models.json; fi
 fi
@@ -100,7 +79,6 @@ PY
 ) || die "cannot use the model manifest $MANIFEST" "fix the entry named above"
 
 is_sha256() { [[ $1 =~ ^[0-9a-f]{64}$ ]]; }
-sha_of() { sha256sum "$1" | cut -d' ' -f1; }
 
 count=0
 problems=()
@@ -123,7 +101,7 @@ while IFS=$'\t' read -r name url sha target; do
         continue
     fi
 
-    [ "$(id -u)" -eq 0 ] || die "installing needs root" "run 'sudo $0 $MANIFEST'"
+    need_root "$0 $MANIFEST"
     if [ -f "$dest" ]; then
         if [ "$(sha_of "$dest")" = "$sha" ]; then
             log "$name: already present with the right sha256, skipped"
@@ -152,9 +130,7 @@ done <<<"$entries"
 
 [ "$count" -gt 0 ] || log "the manifest $MANIFEST lists no models"
 if [ "${#problems[@]}" -gt 0 ]; then
-    for p in "${problems[@]}"; do
-        printf '[%s] MISSING: %s\n' "$NAME" "$p" >&2
-    done
+    print_missing "${problems[@]}"
     if [ "$MODE" = check ]; then
         die "${#problems[@]} of $count model(s) not in place under $COMFYUI_DIR/models (listed above)" \
             "run 'sudo $0 $MANIFEST' (the Packer build does it for the GPU image)"

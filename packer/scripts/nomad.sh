@@ -53,41 +53,13 @@ RELEASES=${HASHICORP_RELEASES:-https://releases.hashicorp.com}
 HASHICORP_KEY_URL=https://www.hashicorp.com/.well-known/pgp-key.txt
 HASHICORP_KEY_FPR=C874011F0AB405110D02105534365D9472D7468F
 
-log() { printf '[%s] %s\n' "$NAME" "$*"; }
-
-# die WHAT FIX...: say what failed and how to fix it, then exit non-zero.
-die() {
-    local what=$1
-    shift
-    printf '[%s] FAILED: %s\n' "$NAME" "$what" >&2
-    if [ "$#" -gt 0 ]; then
-        printf '[%s]   how to fix: %s\n' "$NAME" "$@" >&2
-    fi
-    exit 1
-}
-
-usage() { sed -n '2,/^set -euo pipefail$/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
-
-MODE=install
+# shellcheck source=lib.sh source-path=SCRIPTDIR
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 WITH_PLUGIN=1
-while [ "$#" -gt 0 ]; do
-    case $1 in
-        --check) MODE=check ;;
-        --no-device-plugin) WITH_PLUGIN=0 ;;
-        -h | --help) usage; exit 0 ;;
-        *) die "unknown argument: $1" "run '$0 --help'" ;;
-    esac
-    shift
-done
+script_arg() { [ "$1" = --no-device-plugin ] && WITH_PLUGIN=0; }
+parse_args "$@"
 
-# "Nomad v1.10.5" / "Nomad v1.10.5\nBuildDate ..." -> 1.10.5; empty if it does not run.
-installed_version() {
-    local out
-    out=$("$NOMAD_BIN" version 2>/dev/null) || return 0
-    out=${out%%$'\n'*}
-    out=${out#Nomad v}
-    printf '%s' "${out%% *}"
-}
+installed_version() { bin_version "$NOMAD_BIN" Nomad; }
 
 unit_text() {
     cat <<UNIT
@@ -118,12 +90,7 @@ UNIT
 # ---- --check ------------------------------------------------------------------
 if [ "$MODE" = check ]; then
     problems=()
-    have=$(installed_version)
-    if [ ! -x "$NOMAD_BIN" ]; then
-        problems+=("$NOMAD_BIN is missing (Nomad $NOMAD_VERSION not installed)")
-    elif [ "$have" != "$NOMAD_VERSION" ]; then
-        problems+=("$NOMAD_BIN is version '${have:-unknown}', expected $NOMAD_VERSION")
-    fi
+    check_version "$NOMAD_BIN" Nomad "$NOMAD_VERSION"
     if [ "$WITH_PLUGIN" -eq 1 ]; then
         if [ ! -x "$PLUGIN_BIN" ]; then
             problems+=("$PLUGIN_BIN is missing (nomad-device-nvidia $NOMAD_DEVICE_NVIDIA_VERSION not installed)")
@@ -131,18 +98,10 @@ if [ "$MODE" = check ]; then
             problems+=("$PLUGIN_BIN is not the pinned version $NOMAD_DEVICE_NVIDIA_VERSION (stamp $PLUGIN_STAMP says '$(cat "$PLUGIN_STAMP" 2>/dev/null || true)')")
         fi
     fi
-    if [ ! -f "$NOMAD_UNIT" ]; then
-        problems+=("systemd unit $NOMAD_UNIT is missing")
-    elif [ "$(cat "$NOMAD_UNIT")" != "$(unit_text)" ]; then
-        problems+=("systemd unit $NOMAD_UNIT differs from the one this script writes")
-    fi
-    for d in "$NOMAD_CONFIG_DIR" "$NOMAD_DATA_DIR"; do
-        [ -d "$d" ] || problems+=("folder $d is missing")
-    done
+    check_unit "$NOMAD_UNIT" "$(unit_text)"
+    check_dirs "$NOMAD_CONFIG_DIR" "$NOMAD_DATA_DIR"
     if [ "${#problems[@]}" -gt 0 ]; then
-        for p in "${problems[@]}"; do
-            printf '[%s] MISSING: %s\n' "$NAME" "$p" >&2
-        done
+        print_missing "${problems[@]}"
         die "this host is not provisioned for Nomad (${#problems[@]} problem(s) above)" \
             "run 'sudo $0$([ "$WITH_PLUGIN" -eq 0 ] && printf ' --no-device-plugin')' (the Packer build does it for the GPU image)"
     fi
@@ -151,10 +110,8 @@ if [ "$MODE" = check ]; then
 fi
 
 # ---- install ------------------------------------------------------------------
-[ "$(id -u)" -eq 0 ] || die "installing needs root" "run 'sudo $0'"
-for tool in curl unzip sha256sum install systemctl; do
-    command -v "$tool" >/dev/null 2>&1 || die "$tool not found" "install it (apt-get install -y curl unzip coreutils systemd)"
-done
+need_root "$0"
+need_tools "apt-get install -y curl unzip coreutils systemd" curl unzip sha256sum install systemctl
 
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
@@ -162,7 +119,7 @@ trap 'rm -rf "$TMP"' EXIT
 # fetch URL FILE: download with retries, fail clearly.
 fetch() {
     local host=${1#*://}
-    curl -fsSL --retry 3 --retry-delay 2 -o "$2" "$1" \
+    download "$1" "$2" \
         || die "download failed: $1" "check the network to ${host%%/*} (HASHICORP_RELEASES overrides releases.hashicorp.com)"
 }
 
@@ -191,20 +148,19 @@ signed_sha256() {
 
 # fetch_verified PRODUCT VERSION SHA256 -> path of the verified zip in $TMP.
 fetch_verified() {
-    local product=$1 version=$2 want=$3 zip got
+    local product=$1 version=$2 want=$3 zip
     zip=${product}_${version}_linux_amd64.zip
     if [ -z "$want" ]; then
         want=$(signed_sha256 "$product" "$version" "$zip") || exit 1
         log "$zip: sha256 $want from HashiCorp's signed SHA256SUMS (pin it to skip this step)" >&2
     fi
     fetch "$RELEASES/$product/$version/$zip" "$TMP/$zip"
-    got=$(sha256sum "$TMP/$zip" | cut -d' ' -f1)
-    [ "$got" = "$want" ] || die "checksum mismatch for $zip: got $got, expected $want" \
+    verify_sha256 "$TMP/$zip" "$want" \
         "do not use this file; check the pinned version/checksum in packer/gpu-node.pkr.hcl"
     printf '%s' "$TMP/$zip"
 }
 
-[ "$(uname -m)" = x86_64 ] || die "this script installs linux_amd64 builds, this host is $(uname -m)" "use an x86_64 instance"
+need_x86_64
 
 install -d -m 0755 "$NOMAD_CONFIG_DIR"
 install -d -m 0700 "$NOMAD_DATA_DIR"
@@ -231,11 +187,5 @@ if [ "$WITH_PLUGIN" -eq 1 ]; then
     fi
 fi
 
-if [ -f "$NOMAD_UNIT" ] && [ "$(cat "$NOMAD_UNIT")" = "$(unit_text)" ]; then
-    log "systemd unit $NOMAD_UNIT up to date"
-else
-    unit_text >"$NOMAD_UNIT"
-    systemctl daemon-reload
-    log "wrote $NOMAD_UNIT (not enabled: the agent config comes at deploy/boot time)"
-fi
+install_unit "$NOMAD_UNIT" "$(unit_text)"
 log "done: $("$NOMAD_BIN" version | head -n 1)"

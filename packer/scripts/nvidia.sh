@@ -20,30 +20,9 @@ set -euo pipefail
 NAME=nvidia.sh
 NVIDIA_DRIVER_MAJOR=${NVIDIA_DRIVER_MAJOR:-570}
 
-log() { printf '[%s] %s\n' "$NAME" "$*"; }
-
-# die WHAT FIX...: say what failed and how to fix it, then exit non-zero.
-die() {
-    local what=$1
-    shift
-    printf '[%s] FAILED: %s\n' "$NAME" "$what" >&2
-    if [ "$#" -gt 0 ]; then
-        printf '[%s]   how to fix: %s\n' "$NAME" "$@" >&2
-    fi
-    exit 1
-}
-
-usage() { sed -n '2,/^set -euo pipefail$/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
-
-MODE=install
-while [ "$#" -gt 0 ]; do
-    case $1 in
-        --check) MODE=check ;;
-        -h | --help) usage; exit 0 ;;
-        *) die "unknown argument: $1" "run '$0 --help'" ;;
-    esac
-    shift
-done
+# shellcheck source=lib.sh source-path=SCRIPTDIR
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+parse_args "$@"
 
 case $NVIDIA_DRIVER_MAJOR in
     '' | *[!0-9]*) die "NVIDIA_DRIVER_MAJOR must be a number, got '$NVIDIA_DRIVER_MAJOR'" "set it to e.g. 570" ;;
