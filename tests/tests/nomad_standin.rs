@@ -1095,6 +1095,8 @@ fn job(workflow: Value) -> Job {
         attempts: 1,
         executor_ref: None,
         messages: vec![],
+        cancel_requested: false,
+        progress: None,
     }
 }
 
