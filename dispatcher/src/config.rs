@@ -103,6 +103,17 @@ pub struct GatewayConfig {
     /// `ADMIN_PASSWORD`: a password for `/admin/login`, besides the admin
     /// token. None by default.
     pub admin_password: Option<String>,
+    /// `COMFYUI_FRONTEND_DIR`: the `static/` folder of the pinned
+    /// `comfyui-frontend-package` the gateway serves at `/user/{n}/`.
+    /// Default: where `scripts/install-deps.sh` unpacks it, if it is there.
+    pub frontend_dir: Option<PathBuf>,
+    /// `WORKFLOWS_DIR`: workflows the instructor drops in (UI format), shown
+    /// read-only in every participant's workflow list. Default:
+    /// `<data_dir>/workflows` (see [`Config::workflows_dir`]).
+    pub workflows_dir: Option<PathBuf>,
+    /// `COMFYUI_URL`: the GPU node's ComfyUI, which the gateway asks for
+    /// `object_info` and `system_stats`. Default: Consul service `comfyui`.
+    pub comfyui_url: Option<String>,
 }
 
 /// Settings of the dispatcher.
@@ -174,6 +185,9 @@ impl Default for GatewayConfig {
             tls_key: None,
             session_hours: 12.0,
             admin_password: None,
+            frontend_dir: None,
+            workflows_dir: None,
+            comfyui_url: None,
         }
     }
 }
@@ -289,6 +303,18 @@ impl Config {
         if let Some(v) = get("ADMIN_PASSWORD") {
             self.gateway.admin_password = Some(v).filter(|v| !v.is_empty());
         }
+        if let Some(v) = get("COMFYUI_FRONTEND_DIR").filter(|v| !v.is_empty()) {
+            self.gateway.frontend_dir = Some(v.into());
+        }
+        if self.gateway.frontend_dir.is_none() {
+            self.gateway.frontend_dir = default_frontend_dir(&get).filter(|d| d.join("index.html").is_file());
+        }
+        if let Some(v) = get("WORKFLOWS_DIR").filter(|v| !v.is_empty()) {
+            self.gateway.workflows_dir = Some(v.into());
+        }
+        if let Some(v) = get("COMFYUI_URL").filter(|v| !v.is_empty()) {
+            self.gateway.comfyui_url = Some(v);
+        }
         if self.gateway.tls_cert.is_some() != self.gateway.tls_key.is_some() {
             return Err(ConfigError::Env {
                 var: "GATEWAY_TLS_CERT",
@@ -366,6 +392,28 @@ impl Config {
     }
 }
 
+impl Config {
+    /// Where the pre-loaded workflows are: `gateway.workflows_dir`, else
+    /// `<data_dir>/workflows`.
+    pub fn workflows_dir(&self) -> PathBuf {
+        self.gateway.workflows_dir.clone().unwrap_or_else(|| self.data_dir.join("workflows"))
+    }
+}
+
+/// The pinned editor's version (`comfyui-frontend-package`), as
+/// `scripts/install-deps.sh` installs it.
+pub const FRONTEND_VERSION: &str = "1.27.10";
+
+/// Where `scripts/install-deps.sh` unpacks the editor:
+/// `${COMFY_MULTI_CACHE:-$HOME/.cache/comfy-multi}/frontend/<version>/comfyui_frontend_package/static`.
+fn default_frontend_dir(get: &impl Fn(&str) -> Option<String>) -> Option<PathBuf> {
+    let cache = match get("COMFY_MULTI_CACHE").filter(|v| !v.is_empty()) {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(get("HOME").filter(|v| !v.is_empty())?).join(".cache").join("comfy-multi"),
+    };
+    Some(cache.join("frontend").join(FRONTEND_VERSION).join("comfyui_frontend_package").join("static"))
+}
+
 /// Consul's own tools accept `CONSUL_HTTP_ADDR` without a scheme.
 fn with_scheme(addr: String) -> String {
     if addr.starts_with("http://") || addr.starts_with("https://") {
@@ -403,6 +451,34 @@ mod tests {
         c.apply_env(|k| (k == "SLOTS").then(|| "4".to_string())).unwrap();
         assert_eq!(c.dispatcher.slots, 4);
         assert_eq!(c.redis_url, "redis://10.0.0.1:6379");
+    }
+
+    #[test]
+    fn editor_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let static_dir = dir.path().join("frontend/1.27.10/comfyui_frontend_package/static");
+        std::fs::create_dir_all(&static_dir).unwrap();
+        let cache = dir.path().display().to_string();
+        let mut c = Config::default();
+        c.apply_env(|k| (k == "COMFY_MULTI_CACHE").then(|| cache.clone())).unwrap();
+        // No index.html yet: not an editor.
+        assert_eq!(c.gateway.frontend_dir, None);
+        std::fs::write(static_dir.join("index.html"), "<html>").unwrap();
+        let mut c = Config::default();
+        c.apply_env(|k| (k == "COMFY_MULTI_CACHE").then(|| cache.clone())).unwrap();
+        assert_eq!(c.gateway.frontend_dir.as_deref(), Some(static_dir.as_path()));
+        assert_eq!(c.workflows_dir(), PathBuf::from("data/workflows"));
+        let mut c = Config::default();
+        c.apply_env(|k| match k {
+            "COMFYUI_FRONTEND_DIR" => Some("/srv/editor".into()),
+            "WORKFLOWS_DIR" => Some("/srv/workflows".into()),
+            "COMFYUI_URL" => Some("http://gpu:8188".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(c.gateway.frontend_dir, Some(PathBuf::from("/srv/editor")));
+        assert_eq!(c.workflows_dir(), PathBuf::from("/srv/workflows"));
+        assert_eq!(c.gateway.comfyui_url.as_deref(), Some("http://gpu:8188"));
     }
 
     #[test]

@@ -63,6 +63,30 @@ pub mod internal {
     pub fn finished(job: &str) -> String {
         format!("{PREFIX}/jobs/{job}/finished")
     }
+    /// `GET` one of the participant's files the job's prompt refers to
+    /// (one of [`super::WorkflowPayload::inputs`], URL-encoded as a whole).
+    pub fn input(job: &str, reference: &str) -> String {
+        format!("{PREFIX}/jobs/{job}/inputs/{}", urlencoding::encode(reference))
+    }
+}
+
+/// Key in a job's stored `extra_data` under which the gateway keeps the
+/// prompt's file references ([`WorkflowPayload::inputs`]) at submit time.
+/// [`WorkflowPayload::from_job`] moves it out, so ComfyUI never sees it.
+pub const INPUTS_EXTRA_DATA_KEY: &str = "comfy_multi_inputs";
+
+/// A file reference in a prompt's string input, ComfyUI's way
+/// (`folder_paths.annotated_filepath`): `path [input]`, `path [temp]`,
+/// `path [output]`, or a plain `path` (input). Returns the folder type and
+/// the path within it (`sub/name.png`). Says nothing about whether the path
+/// is safe or exists.
+pub fn split_file_reference(value: &str) -> (&'static str, &str) {
+    for kind in ["input", "temp", "output"] {
+        if let Some(path) = value.strip_suffix(&format!(" [{kind}]")[..]) {
+            return (kind, path);
+        }
+    }
+    ("input", value)
 }
 
 /// What gpu-task runs: the dispatch payload, or the answer of
@@ -74,6 +98,26 @@ pub struct WorkflowPayload {
     /// ComfyUI's `extra_data` (e.g. `extra_pnginfo`), passed through to `/prompt`.
     #[serde(default, skip_serializing_if = "Value::is_null")]
     pub extra_data: Value,
+    /// The participant's uploaded files the prompt refers to: string input
+    /// values such as `photo.png`, `clipspace/mask.png [input]` or
+    /// `webcam/1.png [temp]`, each naming a file in the participant's own
+    /// area. gpu-task fetches each ([`internal::input`]), uploads it to
+    /// ComfyUI and rewrites the prompt to ComfyUI's name for it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inputs: Vec<String>,
+}
+
+impl WorkflowPayload {
+    /// The payload of a job, from its stored workflow and `extra_data`: the
+    /// gateway's [`INPUTS_EXTRA_DATA_KEY`] moves from `extra_data` to
+    /// [`WorkflowPayload::inputs`].
+    pub fn from_job(prompt: Value, mut extra_data: Value) -> WorkflowPayload {
+        let inputs = match extra_data.as_object_mut().and_then(|m| m.remove(INPUTS_EXTRA_DATA_KEY)) {
+            Some(Value::Array(list)) => list.into_iter().filter_map(|v| v.as_str().map(str::to_string)).collect(),
+            _ => Vec::new(),
+        };
+        WorkflowPayload { prompt, extra_data, inputs }
+    }
 }
 
 /// Query of an output upload: where the file belongs in ComfyUI's history.
@@ -101,4 +145,31 @@ pub struct Finished {
     /// ComfyUI's history `status.messages` for the prompt, if it gave any.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub messages: Vec<Value>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn inputs_move_out_of_extra_data() {
+        let p = WorkflowPayload::from_job(
+            json!({"1": {}}),
+            json!({"client_id": "c", INPUTS_EXTRA_DATA_KEY: ["a.png", "sub/b.png [input]"]}),
+        );
+        assert_eq!(p.inputs, vec!["a.png".to_string(), "sub/b.png [input]".to_string()]);
+        assert_eq!(p.extra_data, json!({"client_id": "c"}));
+        let text = serde_json::to_value(&p).unwrap();
+        assert_eq!(text["inputs"], json!(["a.png", "sub/b.png [input]"]));
+        // Old payloads (no inputs) still read, and write no `inputs`.
+        let old: WorkflowPayload = serde_json::from_value(json!({"prompt": {}})).unwrap();
+        assert!(old.inputs.is_empty());
+        assert!(serde_json::to_value(&old).unwrap().get("inputs").is_none());
+        assert_eq!(split_file_reference("a.png"), ("input", "a.png"));
+        assert_eq!(split_file_reference("w/1.png [temp]"), ("temp", "w/1.png"));
+        assert_eq!(split_file_reference("x [output]"), ("output", "x"));
+        assert_eq!(split_file_reference("x[input]"), ("input", "x[input]"));
+        assert_eq!(internal::input("j", "sub/b.png [input]"), "/_internal/jobs/j/inputs/sub%2Fb.png%20%5Binput%5D");
+    }
 }

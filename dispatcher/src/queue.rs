@@ -29,7 +29,7 @@
 //! | `cm:paused` | string | present while dispatching is paused (drain); says why |
 //! | `cm:wake` | channel | published on every submit, requeue and resume, so dispatchers wake |
 //! | `cm:stop` | channel | executor refs whose run must be stopped by the dispatcher that runs them |
-//! | `cm:events:<n>` | channel | progress events for user n's open editors |
+//! | `cm:events:<n>` | channel | progress events for user n's open editors; also [`JOB_ENDED_EVENT`] on every end of one of n's jobs |
 
 use std::collections::BTreeMap;
 
@@ -46,6 +46,12 @@ pub const WAKE_CHANNEL: &str = "cm:wake";
 pub const STOP_CHANNEL: &str = "cm:stop";
 /// Present while dispatching is paused.
 const PAUSED: &str = "cm:paused";
+/// Type of the event published on `cm:events:<n>` (in the same atomic step)
+/// whenever one of user n's jobs ends: `{"type": JOB_ENDED_EVENT, "data":
+/// {"prompt_id": id, "from": state, "state": state}}`. The gateway turns it
+/// into a fresh `status` (and, if gpu-task could not say so, the end of the
+/// prompt) for n's editors; it is never forwarded as such.
+pub const JOB_ENDED_EVENT: &str = "comfy_multi.job_ended";
 
 /// Why a queue operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -180,6 +186,7 @@ elseif to == 'dispatched' or to == 'running' then
 else
   unqueue(ARGV[4], user)
   redis.call('SREM', KEYS[3], ARGV[4])
+  redis.call('PUBLISH', 'cm:events:' .. user, '{"type":"comfy_multi.job_ended","data":{"prompt_id":"' .. ARGV[4] .. '","from":"' .. state .. '","state":"' .. to .. '"}}')
   if to == 'succeeded' then
     local started = tonumber(redis.call('HGET', KEYS[1], 'started_at') or '')
     if started then
@@ -202,6 +209,7 @@ if not state or (ARGV[2] ~= '' and user ~= ARGV[2]) then return {-1, '', ''} end
 if state == 'queued' then
   redis.call('HSET', key, 'state', 'cancelled', 'finished_at', ARGV[3], 'error', 'cancelled')
   unqueue(ARGV[1], user)
+  redis.call('PUBLISH', 'cm:events:' .. user, '{"type":"comfy_multi.job_ended","data":{"prompt_id":"' .. ARGV[1] .. '","from":"queued","state":"cancelled"}}')
   return {1, state, ''}
 elseif state == 'dispatched' or state == 'running' then
   redis.call('HSET', key, 'cancel_requested', '1')
@@ -568,6 +576,23 @@ return chosen"#
             }
         }
         Ok(jobs)
+    }
+
+    /// How many of user `user`'s jobs are still to finish (queued, dispatched
+    /// or running): their own `queue_remaining`.
+    pub async fn user_pending(&self, user: u32) -> Result<u64, QueueError> {
+        let lua = r#"
+local n = redis.call('ZCARD', KEYS[1])
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  if redis.call('HGET', 'cm:job:' .. id, 'user') == ARGV[1] then n = n + 1 end
+end
+return n"#;
+        Ok(Script::new(lua)
+            .key(format!("cm:uq:{user}"))
+            .key(INFLIGHT)
+            .arg(user)
+            .invoke_async(&mut self.conn.clone())
+            .await?)
     }
 
     /// Number of queued jobs.

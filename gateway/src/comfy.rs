@@ -72,6 +72,12 @@ async fn submit(
     if let Some(client_id) = body.get("client_id").filter(|v| v.is_string()) {
         extra_data.insert("client_id".into(), client_id.clone());
     }
+    // The participant's files the prompt refers to, for gpu-task to fetch.
+    let inputs = crate::editor_api::referenced_inputs(&state.files, user, &prompt);
+    extra_data.remove(dispatcher::contract::INPUTS_EXTRA_DATA_KEY);
+    if !inputs.is_empty() {
+        extra_data.insert(dispatcher::contract::INPUTS_EXTRA_DATA_KEY.into(), json!(inputs));
+    }
     let job = state
         .store
         .submit(NewJob { user, workflow: prompt, extra_data: Value::Object(extra_data), priority: 0 })

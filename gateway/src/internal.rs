@@ -56,6 +56,7 @@ pub fn routes(state: &AppState) -> Router<AppState> {
             put(output).layer(axum::extract::DefaultBodyLimit::max(state.limits.max_output_bytes)),
         )
         .route(&format!("{p}/jobs/{{id}}/finished"), post(finished))
+        .route(&format!("{p}/jobs/{{id}}/inputs/{{reference}}"), get(input))
 }
 
 async fn job(state: &AppState, id: &str) -> Result<Job, ApiError> {
@@ -75,7 +76,29 @@ fn require_in_flight(job: &Job) -> Result<(), ApiError> {
 async fn workflow(_: Internal, State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<WorkflowPayload>, ApiError> {
     let job = job(&state, &id).await?;
     require_in_flight(&job)?;
-    Ok(Json(WorkflowPayload { prompt: job.workflow, extra_data: job.extra_data }))
+    Ok(Json(WorkflowPayload::from_job(job.workflow, job.extra_data)))
+}
+
+/// `GET inputs/{reference}`: one of the job's user's files its prompt refers
+/// to (listed at submit time in the job's inputs; nothing else).
+async fn input(
+    _: Internal,
+    State(state): State<AppState>,
+    Path((id, reference)): Path<(String, String)>,
+    request: axum::extract::Request,
+) -> Result<axum::response::Response, ApiError> {
+    let job = job(&state, &id).await?;
+    require_in_flight(&job)?;
+    let listed = job
+        .extra_data
+        .get(contract::INPUTS_EXTRA_DATA_KEY)
+        .and_then(Value::as_array)
+        .is_some_and(|list| list.iter().any(|v| v.as_str() == Some(reference.as_str())));
+    if !listed {
+        return Err(ApiError::NotFound(format!("job {} refers to no input {reference:?}", job.id)));
+    }
+    let path = crate::editor_api::resolve_reference(&state.files, job.user, &reference)?;
+    crate::editor_api::serve_file(path, request.uri().clone()).await
 }
 
 /// `POST started`: the job is running. Idempotent.
@@ -84,6 +107,8 @@ async fn started(_: Internal, State(state): State<AppState>, Path(id): Path<Stri
     match job.state {
         JobState::Running => Ok(StatusCode::NO_CONTENT),
         _ => {
+            // A new run: what an earlier one held back for the editor is stale.
+            crate::ws::job_started(&state, &job).await?;
             state.store.transition(&job.id, JobState::Running, Patch::default()).await?;
             Ok(StatusCode::NO_CONTENT)
         }
@@ -106,7 +131,9 @@ async fn events(
     if let Some(progress) = progress_of(&message) {
         state.store.set_progress(&job.id, &progress).await?;
     }
-    state.store.publish_event(job.user, &message).await?;
+    // To the participant's editors (`crate::ws`), or held back until the
+    // outputs it names are uploaded.
+    crate::ws::relay(&state, &job, message).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -151,6 +178,8 @@ async fn finished(
     } else {
         (JobState::Failed, Some(report.error.unwrap_or_else(|| "gpu-task reported a failure".into())))
     };
+    // What the editor was not told yet goes out before the end (`crate::ws`).
+    crate::ws::release(&state, &job, to == JobState::Succeeded).await?;
     let patch = Patch { error, messages: Some(messages), ..Patch::default() };
     // A report for a job that already ended the same way is a retry: fine.
     match state.store.transition(&job.id, to, patch).await {

@@ -17,12 +17,21 @@
 //! - [`comfy`]: the per-user ComfyUI server API (`/user/{n}/api/...`).
 //! - [`internal`]: the internal API gpu-task calls (`/_internal/...`),
 //!   guarded by the shared secret.
+//! - [`editor`]: the stock ComfyUI editor's files at `/user/{n}/`.
+//! - [`editor_api`]: the rest of the ComfyUI API the editor calls (settings,
+//!   userdata, object_info, uploads, ...), per participant.
+//! - [`userdata`]: participants' settings and saved files, and the
+//!   instructor's pre-loaded workflows.
+//! - [`ws`]: the editor's websocket (`/user/{n}/ws`): ComfyUI's protocol,
+//!   each participant's own progress, fanned out from one Redis subscription.
 //! - [`admin`]: the instructor's admin page (`/admin/`), its live websocket
 //!   and its actions (`/admin/api/...`).
 
 pub mod admin;
 pub mod auth;
 pub mod comfy;
+pub mod editor;
+pub mod editor_api;
 pub mod error;
 pub mod files;
 pub mod internal;
@@ -30,7 +39,9 @@ pub mod login;
 pub mod secrets;
 pub mod session;
 pub mod state;
+pub mod userdata;
 pub mod validate;
+pub mod ws;
 
 use axum::routing::get;
 use axum::Router;
@@ -43,6 +54,9 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .merge(comfy::routes(&state))
+        .merge(editor_api::routes())
+        .merge(editor::routes())
+        .merge(ws::routes())
         .merge(internal::routes(&state))
         .merge(login::routes())
         .merge(admin::routes())

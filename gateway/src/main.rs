@@ -105,6 +105,7 @@ async fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
             gateway::secrets::dir(&data_dir).join("access-codes.txt").display()
         );
     }
+    let editor = editor(&config)?;
     let state = AppState {
         store,
         auth,
@@ -116,6 +117,8 @@ async fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
         internal_secret: Arc::from(internal_secret),
         slots: config.dispatcher.slots,
         cluster: admin_cluster(&config)?,
+        editor,
+        events: Default::default(),
     };
     let listener = std::net::TcpListener::bind(&config.gateway.listen)
         .with_context(|| format!("cannot listen on {}", config.gateway.listen))?;
@@ -149,6 +152,33 @@ async fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The editor: the frontend files, participants' userdata with the
+/// pre-loaded workflows (the example one is put into a new workflows dir),
+/// and what the GPU node's ComfyUI says (`COMFYUI_URL`, else Consul).
+fn editor(config: &Config) -> anyhow::Result<gateway::editor::Editor> {
+    let workflows_dir = config.workflows_dir();
+    match gateway::editor::install_sample_workflows(&workflows_dir) {
+        Ok(true) => tracing::info!(dir = %workflows_dir.display(), "created the pre-loaded workflows folder with an example"),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(dir = %workflows_dir.display(), "cannot create the pre-loaded workflows folder: {e}"),
+    }
+    match &config.gateway.frontend_dir {
+        Some(dir) => tracing::info!(dir = %dir.display(), "serving the ComfyUI editor"),
+        None => tracing::warn!(
+            "no ComfyUI frontend (COMFYUI_FRONTEND_DIR / gateway.frontend_dir; scripts/install-deps.sh installs it): \
+             /user/N/ will say so"
+        ),
+    }
+    let userdata = gateway::userdata::UserData::new(&config.data_dir, workflows_dir);
+    let consul = dispatcher::consul::ConsulClient::new(&config.consul.addr, config.consul.token.clone());
+    let comfy = gateway::editor_api::ComfyInfo::new(
+        config.gateway.comfyui_url.clone(),
+        Some(consul),
+        config.data_dir.join("cache"),
+    );
+    Ok(gateway::editor::Editor::new(config.gateway.frontend_dir.clone(), userdata, comfy))
 }
 
 /// What the admin page reads of the cluster: Nomad's nodes with the Nomad

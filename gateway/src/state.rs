@@ -21,6 +21,10 @@ pub struct AppState {
     pub slots: usize,
     /// What the admin page shows of Nomad and Consul, and its live hub.
     pub cluster: crate::admin::Cluster,
+    /// The editor: its files, participants' userdata, the GPU node's answers.
+    pub editor: crate::editor::Editor,
+    /// The editors' websockets: client ids and the per-participant fan-out.
+    pub events: crate::ws::Events,
 }
 
 /// Size limits on what clients send.

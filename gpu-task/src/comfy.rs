@@ -152,6 +152,24 @@ impl Comfy {
             .ok_or_else(|| decode(format!("no prompt_id in {}", one_line(&text))))
     }
 
+    /// `POST /upload/image` (`type=input`, `overwrite=true`): stores `bytes`
+    /// as `subfolder/filename` in ComfyUI's input folder. Returns the
+    /// `subfolder/name` ComfyUI says it stored (it may rename).
+    pub async fn upload_input(&self, subfolder: &str, filename: &str, bytes: Vec<u8>) -> Result<String, ComfyError> {
+        let form = reqwest::multipart::Form::new()
+            .part("image", reqwest::multipart::Part::bytes(bytes).file_name(filename.to_string()))
+            .text("type", "input")
+            .text("subfolder", subfolder.to_string())
+            .text("overwrite", "true");
+        let req = self.http.post(format!("{}/upload/image", self.base)).timeout(CALL_TIMEOUT * 3).multipart(form);
+        let resp = self.send("/upload/image", req).await?;
+        let decode = |reason: String| ComfyError::Decode { url: self.base.clone(), what: "/upload/image", reason };
+        let answer: Value = resp.json().await.map_err(|e| decode(e.to_string()))?;
+        let name = answer["name"].as_str().filter(|n| !n.is_empty()).ok_or_else(|| decode(format!("no name in {answer}")))?;
+        let sub = answer["subfolder"].as_str().unwrap_or(subfolder).trim_matches('/');
+        Ok(if sub.is_empty() { name.to_string() } else { format!("{sub}/{name}") })
+    }
+
     /// `GET /history/{prompt_id}`: the prompt's entry once it has ended.
     pub async fn history(&self, prompt_id: &str) -> Result<Option<Value>, ComfyError> {
         let path = format!("/history/{}", urlencoding::encode(prompt_id));

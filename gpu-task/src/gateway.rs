@@ -118,6 +118,18 @@ impl Gateway {
         })
     }
 
+    /// `GET inputs/{reference}`: one of the participant's files the prompt
+    /// refers to; returns its bytes.
+    pub async fn input(&self, reference: &str) -> Result<Vec<u8>, GatewayError> {
+        let req = self.request(reqwest::Method::GET, internal::input(&self.job, reference));
+        let resp = self.send("an input file request", req).await?;
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| GatewayError::Unreachable { url: self.base.clone(), reason: describe(&e) })?;
+        Ok(bytes.to_vec())
+    }
+
     /// `POST started`: the job is running.
     pub async fn started(&self) -> Result<(), GatewayError> {
         let req = self.request(reqwest::Method::POST, internal::started(&self.job)).timeout(CALL_TIMEOUT);

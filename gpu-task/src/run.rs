@@ -1,7 +1,10 @@
 //! One job, start to finish (design.md, "Data flow of one workflow", step 5).
 //!
 //! Get the workflow, tell the gateway the job started, find ComfyUI, open its
-//! websocket, queue the prompt, relay its messages while watching for its end
+//! websocket, copy the participant's files the prompt refers to (the
+//! payload's `inputs`) into ComfyUI's input folder under
+//! `comfy-multi/u<user>/` and point the prompt at them, queue the prompt,
+//! relay its messages while watching for its end
 //! (websocket, with a `/history` poll as the safety net), upload the saved
 //! outputs, and report the verdict. Every way this can go wrong ends in one
 //! [`Failure`], whose text is the one-line reason the participant, the
@@ -61,6 +64,8 @@ pub enum Failure {
     Unknown(String),
     #[error("lost ComfyUI at {url}: no answer for {secs} s ({reason})")]
     Lost { url: String, secs: u64, reason: String },
+    #[error("cannot pass the input file {reference:?} to ComfyUI: {reason}")]
+    Input { reference: String, reason: String },
     #[error("cannot save output {filename}: {reason}")]
     Output { filename: String, reason: String },
     #[error("stopped ({0})")]
@@ -161,7 +166,7 @@ async fn work(
     stop: &mut Stop,
     messages: &mut Vec<Value>,
 ) -> Result<(), Failure> {
-    let payload = match env.read_payload()? {
+    let mut payload = match env.read_payload()? {
         Some(p) => p,
         None => {
             tracing::info!("no payload file: fetching the workflow from the gateway");
@@ -187,6 +192,11 @@ async fn work(
     )?;
     let (tx, rx) = mpsc::unbounded_channel();
     let _follower = AbortOnDrop(socket::follow(comfy.clone(), client_id.clone(), socket, tx));
+
+    for reference in std::mem::take(&mut payload.inputs) {
+        let stored = or_stop!(stop, pass_input(&comfy, gateway, &env.user_id, &reference))?;
+        rewrite_references(&mut payload.prompt, &reference, &stored);
+    }
 
     // Not raced with a stop: once sent, the prompt id is needed to cancel it.
     let sent_once = |e: &ComfyError| matches!(e, ComfyError::Unreachable { connect: true, .. });
@@ -460,6 +470,53 @@ impl<'a> Follow<'a> {
     }
 }
 
+/// Where a participant's file goes in ComfyUI's input folder: under
+/// `comfy-multi/u<user>/<type>/`, so participants' files of the same name
+/// never meet on the shared GPU node.
+pub fn input_subfolder(user: &str, reference: &str) -> (String, String) {
+    let (kind, path) = dispatcher::contract::split_file_reference(reference);
+    let user: String = user.chars().filter(char::is_ascii_alphanumeric).collect();
+    let (sub, name) = path.rsplit_once('/').unwrap_or(("", path));
+    let mut folder = format!("comfy-multi/u{user}/{kind}");
+    if !sub.is_empty() {
+        folder.push('/');
+        folder.push_str(sub);
+    }
+    (folder, name.to_string())
+}
+
+/// Copies one of the participant's files from the gateway into ComfyUI's
+/// input folder; returns the value the prompt must use for it.
+async fn pass_input(comfy: &Comfy, gateway: &Gateway, user: &str, reference: &str) -> Result<String, Failure> {
+    let failed = |reason: String| Failure::Input { reference: reference.to_string(), reason };
+    let bytes = Backoff::PATIENT
+        .run("fetching an input file", GatewayError::is_transient, || gateway.input(reference))
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    let (folder, name) = input_subfolder(user, reference);
+    let stored = Backoff::QUICK
+        .run("uploading an input file", ComfyError::is_transient, || comfy.upload_input(&folder, &name, bytes.clone()))
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    tracing::info!(%reference, %stored, "input passed to ComfyUI");
+    // An annotated reference stays annotated (now pointing at ComfyUI's input folder).
+    let annotated = dispatcher::contract::split_file_reference(reference).1 != reference;
+    Ok(if annotated { format!("{stored} [input]") } else { stored })
+}
+
+/// Replaces every string input value equal to `from` by `to`.
+pub fn rewrite_references(prompt: &mut Value, from: &str, to: &str) {
+    let Some(nodes) = prompt.as_object_mut() else { return };
+    for node in nodes.values_mut() {
+        let Some(inputs) = node.get_mut("inputs").and_then(Value::as_object_mut) else { continue };
+        for value in inputs.values_mut() {
+            if value.as_str() == Some(from) {
+                *value = Value::String(to.to_string());
+            }
+        }
+    }
+}
+
 /// Why one output could not be saved.
 #[derive(Debug, thiserror::Error)]
 enum SaveError {
@@ -537,6 +594,23 @@ mod tests {
             f.to_string(),
             "cannot save output a.png: the gateway at http://gw answered 413 to an output upload: too big"
         );
+    }
+
+    #[test]
+    fn inputs_land_in_the_participants_folder_and_the_prompt_follows() {
+        assert_eq!(input_subfolder("3", "cat.png"), ("comfy-multi/u3/input".to_string(), "cat.png".to_string()));
+        assert_eq!(
+            input_subfolder("3", "clipspace/m.png [input]"),
+            ("comfy-multi/u3/input/clipspace".to_string(), "m.png".to_string())
+        );
+        assert_eq!(input_subfolder("../3", "w/1.png [temp]"), ("comfy-multi/u3/temp/w".to_string(), "1.png".to_string()));
+        let mut prompt = serde_json::json!({
+            "1": {"class_type": "LoadImage", "inputs": {"image": "cat.png"}},
+            "2": {"class_type": "Note", "inputs": {"text": "cat.png is a cat", "other": ["1", 0]}},
+        });
+        rewrite_references(&mut prompt, "cat.png", "comfy-multi/u3/input/cat.png");
+        assert_eq!(prompt["1"]["inputs"]["image"], "comfy-multi/u3/input/cat.png");
+        assert_eq!(prompt["2"]["inputs"]["text"], "cat.png is a cat");
     }
 
     #[test]

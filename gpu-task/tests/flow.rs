@@ -151,7 +151,7 @@ fn gpu_task(task_dir: &Path, comfy_url: &str, gateway_url: &str) -> tokio::proce
 }
 
 fn write_payload(task_dir: &Path, prompt: Value) {
-    let payload = WorkflowPayload { prompt, extra_data: json!({"extra_pnginfo": {"workflow": {}}}) };
+    let payload = WorkflowPayload::from_job(prompt, json!({"extra_pnginfo": {"workflow": {}}}));
     std::fs::write(task_dir.join(PAYLOAD_FILE), serde_json::to_vec(&payload).unwrap()).unwrap();
 }
 
@@ -228,7 +228,7 @@ async fn without_payload_file_the_workflow_comes_from_the_gateway() {
     let comfy = comfyui(Duration::ZERO).await;
     let (gw, gw_url) = Gateway::start().await;
     *gw.workflow.lock().unwrap() =
-        Some(WorkflowPayload { prompt: model_free_workflow(), extra_data: Value::Null });
+        Some(WorkflowPayload::from_job(model_free_workflow(), Value::Null));
     let task_dir = tempfile::tempdir().unwrap();
 
     let child = gpu_task(task_dir.path(), &comfy.url, &gw_url).spawn().unwrap();

@@ -37,11 +37,13 @@ pub struct StackOptions {
     pub comfyui_url: Option<String>,
     /// The stand-in's delay per executed node, so jobs take a while.
     pub node_delay: Duration,
+    /// `PARTICIPANTS`: participants 1..=N get a code.
+    pub participants: u32,
 }
 
 impl StackOptions {
     pub fn new(executor: Executor) -> Self {
-        StackOptions { executor, comfyui_url: None, node_delay: Duration::ZERO }
+        StackOptions { executor, comfyui_url: None, node_delay: Duration::ZERO, participants: 5 }
     }
 }
 
@@ -54,6 +56,9 @@ pub struct Stack {
     /// (`dispatcher status`, `drain`, ...) against this stack.
     pub dispatcher_env: Vec<(String, String)>,
     pub redis_url: String,
+    /// The services' `DATA_DIR` (the gateway's pre-loaded workflows are in
+    /// its `workflows/`).
+    pub data_dir: PathBuf,
     /// Nomad's address, with a Nomad executor.
     pub nomad_url: Option<String>,
     _comfy: Option<ComfyUi>,
@@ -93,7 +98,7 @@ pub async fn stack_with(executor: Executor, comfyui_url: Option<String>) -> Stac
 
 /// Starts a stack.
 pub async fn start(opts: StackOptions) -> Stack {
-    let StackOptions { executor, comfyui_url, node_delay } = opts;
+    let StackOptions { executor, comfyui_url, node_delay, participants } = opts;
     let dir = tempfile::tempdir().unwrap();
     let redis = Redis::start().await.unwrap();
     let consul = Consul::start().await.unwrap();
@@ -128,7 +133,7 @@ pub async fn start(opts: StackOptions) -> Stack {
         ("CONSUL_HTTP_ADDR", consul.addr.clone()),
         ("INTERNAL_SECRET", INTERNAL_SECRET.to_string()),
         ("ADMIN_TOKEN", ADMIN_TOKEN.to_string()),
-        ("PARTICIPANTS", "5".to_string()),
+        ("PARTICIPANTS", participants.to_string()),
         // The stand-ins' node is in the default pool.
         ("NOMAD_GPU_NODE_POOL", "default".to_string()),
     ]
@@ -215,6 +220,7 @@ pub async fn start(opts: StackOptions) -> Stack {
         codes,
         dispatcher_env: env,
         redis_url: redis.url.clone(),
+        data_dir,
         nomad_url: nomad_addr,
         _comfy: comfy,
         _nomad: real_nomad,

@@ -68,7 +68,7 @@ pub trait Executor: Send + Sync {
 /// The payload bytes for `job`, or `None` when they exceed Nomad's limit and
 /// gpu-task must fetch the workflow from the gateway instead.
 pub fn payload_for(job: &Job) -> Option<Vec<u8>> {
-    let payload = WorkflowPayload { prompt: job.workflow.clone(), extra_data: job.extra_data.clone() };
+    let payload = WorkflowPayload::from_job(job.workflow.clone(), job.extra_data.clone());
     let bytes = serde_json::to_vec(&payload).ok()?;
     (bytes.len() <= NOMAD_PAYLOAD_LIMIT).then_some(bytes)
 }
