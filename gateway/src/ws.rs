@@ -39,6 +39,11 @@
 //!   queued for a GPU, failed to upload its outputs — the gateway sends them,
 //!   from the job record (`execution_error` carries the job's error).
 //!
+//! Not (yet) sent: binary preview frames (`b_preview`, types 1 and 4) —
+//! gpu-task relays ComfyUI's JSON messages only (TODO: relay previews through
+//! the internal API and forward them here as binary frames); and the
+//! `executing` ComfyUI sends on connect to the client whose prompt runs.
+//!
 //! # Outputs in `executed`
 //!
 //! ComfyUI's `executed` names the file as ComfyUI saved it (`subfolder: ""`);
@@ -81,10 +86,10 @@ use crate::auth::Participant;
 use crate::error::ApiError;
 use crate::state::AppState;
 
-/// What the server answers to the client's `feature_flags` (ComfyUI
-/// v0.3.64's, as recorded in `shared/comfyui-samples/get-features.json`).
+/// What the server answers to the client's `feature_flags`: the same as
+/// `GET /features` (ComfyUI v0.3.64's, `shared/comfyui-samples/get-features.json`).
 pub fn server_features() -> Value {
-    json!({ "supports_preview_metadata": true, "max_upload_size": 104_857_600u64 })
+    json!({ "supports_preview_metadata": true, "max_upload_size": crate::editor_api::MAX_UPLOAD_BYTES })
 }
 
 /// How often an open socket's credentials are checked again.

@@ -8,9 +8,36 @@
 // from GET /user/N/_gw/queue, and hides itself when nothing of theirs waits.
 // It asks again whenever the server says the queue changed (the websocket's
 // `status`), and every few seconds while the badge is shown.
+//
+// It also keeps participants apart in a shared browser: the editor keeps the
+// open workflow and its tabs in the browser's storage, which every /user/N/
+// page of this site shares. When another participant than the last one
+// opens the editor here, that state is dropped before the editor restores
+// it (extensions load before the editor restores its workflow), so nobody
+// sees the previous participant's graph.
 
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
+
+const OWNER_KEY = "comfy-multi.participant";
+const EDITOR_STATE = ["workflow", "Comfy.PreviousWorkflow", "Comfy.OpenWorkflowsPaths", "Comfy.ActiveWorkflowIndex", "litegrapheditor_clipboard"];
+
+function forgetOtherParticipant() {
+  try {
+    const me = api.api_base;
+    const last = localStorage.getItem(OWNER_KEY);
+    if (last !== null && last !== me) {
+      for (const key of EDITOR_STATE) localStorage.removeItem(key);
+      for (const key of Object.keys(sessionStorage)) {
+        if (key === "clientId" || key.startsWith("workflow:") || key.startsWith("Comfy.")) sessionStorage.removeItem(key);
+      }
+    }
+    localStorage.setItem(OWNER_KEY, me);
+  } catch (e) {
+    // Storage disabled: nothing was kept either.
+  }
+}
+forgetOtherParticipant();
 
 const POLL_MS = 5000;
 const ID = "comfy-multi-queue";
@@ -35,7 +62,7 @@ function badge() {
   el.title = "Your place in the shared GPU queue (comfy-multi)";
   Object.assign(el.style, {
     position: "fixed",
-    left: "56px",
+    left: "76px",
     bottom: "12px",
     zIndex: "1000",
     display: "none",
