@@ -50,7 +50,7 @@ use std::time::{Duration, Instant};
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -188,24 +188,6 @@ async fn style(_: Admin) -> Response {
     asset("text/css; charset=utf-8", ADMIN_CSS, "no-cache")
 }
 
-/// Refuses a request whose `Origin` names another host than the one it was
-/// sent to (a page elsewhere using the instructor's cookie).
-fn same_origin(headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
-        return Ok(());
-    };
-    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or_default();
-    let origin_host = origin.split_once("://").map(|(_, rest)| rest).unwrap_or(origin).trim_end_matches('/');
-    if !host.is_empty() && origin_host.eq_ignore_ascii_case(host) {
-        Ok(())
-    } else {
-        Err(ApiError::Limit {
-            kind: "cross_origin",
-            message: format!("requests from {origin} may not use the admin API; open the admin page at this gateway"),
-            status: StatusCode::FORBIDDEN,
-        })
-    }
-}
 
 /// Parses an optional JSON body: empty is `T::default()`.
 fn body<T: DeserializeOwned + Default>(bytes: &Bytes) -> Result<T, ApiError> {
@@ -254,7 +236,7 @@ async fn cancel_job(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    same_origin(&headers)?;
+    crate::auth::same_origin(&headers, "the admin API")?;
     let id = parse_job_id(&id)?;
     let outcome = state.store.cancel(&id, None).await?;
     tracing::info!(job = %id, ?outcome, "cancelled by the instructor");
@@ -268,7 +250,7 @@ async fn cancel_job(
 }
 
 async fn set_job_tier(state: &AppState, headers: &HeaderMap, id: &str, front: bool) -> Result<Json<Value>, ApiError> {
-    same_origin(headers)?;
+    crate::auth::same_origin(headers, "the admin API")?;
     let id = parse_job_id(id)?;
     let job = state.store.get(&id).await?.ok_or_else(|| ApiError::NotFound(format!("no job {id}")))?;
     if job.state != JobState::Queued {
@@ -304,7 +286,7 @@ async fn lower_job(
 }
 
 async fn set_user_tier(state: &AppState, headers: &HeaderMap, n: &str, front: bool) -> Result<Json<Value>, ApiError> {
-    same_origin(headers)?;
+    crate::auth::same_origin(headers, "the admin API")?;
     let n = existing_user(state, n).await?;
     state.store.raise_user(n, front).await?;
     tracing::info!(user = n, front, "participant tier changed by the instructor");
@@ -347,7 +329,7 @@ async fn pause(
     headers: HeaderMap,
     bytes: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    same_origin(&headers)?;
+    crate::auth::same_origin(&headers, "the admin API")?;
     let b: PauseBody = body(&bytes)?;
     let reason = b
         .reason
@@ -365,7 +347,7 @@ async fn pause(
 
 /// `POST /admin/api/resume`.
 async fn resume(_: Admin, State(state): State<AppState>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
-    same_origin(&headers)?;
+    crate::auth::same_origin(&headers, "the admin API")?;
     state.store.resume().await?;
     tracing::info!("dispatching resumed by the instructor");
     announce(&state, "resume").await;
@@ -386,7 +368,7 @@ async fn set_mode(
     headers: HeaderMap,
     bytes: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    same_origin(&headers)?;
+    crate::auth::same_origin(&headers, "the admin API")?;
     let b: ModeBody = body(&bytes)?;
     let Some(name) = b.mode else {
         return Err(ApiError::bad_request("invalid_mode", "send {\"mode\": \"fair\"} or {\"mode\": \"fifo\"}"));
@@ -419,7 +401,7 @@ async fn set_limits(
     headers: HeaderMap,
     bytes: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    same_origin(&headers)?;
+    crate::auth::same_origin(&headers, "the admin API")?;
     let b: LimitsBody = body(&bytes)?;
     let current = state.store.limits().await?;
     let new = Limits {
@@ -461,7 +443,7 @@ fn issued(i: crate::auth::Issued) -> Json<Value> {
 /// `POST /admin/api/accounts`: a new participant N+1; its code is in the
 /// answer, once.
 async fn create_account(_: Admin, State(state): State<AppState>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
-    same_origin(&headers)?;
+    crate::auth::same_origin(&headers, "the admin API")?;
     let i = state.auth.accounts().create().await?;
     announce(&state, "accounts").await;
     Ok(issued(i))
@@ -475,7 +457,7 @@ async fn reset_account(
     headers: HeaderMap,
     Path(n): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    same_origin(&headers)?;
+    crate::auth::same_origin(&headers, "the admin API")?;
     let n = parse_user(&n)?;
     let i = state.auth.accounts().reset(n).await?;
     announce(&state, "accounts").await;
@@ -483,7 +465,7 @@ async fn reset_account(
 }
 
 async fn set_disabled(state: &AppState, headers: &HeaderMap, n: &str, disabled: bool) -> Result<Json<Value>, ApiError> {
-    same_origin(headers)?;
+    crate::auth::same_origin(headers, "the admin API")?;
     let n = parse_user(n)?;
     let changed = state.auth.accounts().set_disabled(n, disabled).await?;
     announce(state, "accounts").await;
@@ -1136,7 +1118,7 @@ async fn websocket(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    same_origin(&headers)?;
+    crate::auth::same_origin(&headers, "the admin API")?;
     Ok(ws.on_upgrade(move |socket| serve_socket(socket, state, headers)))
 }
 
@@ -1188,17 +1170,6 @@ async fn serve_socket(mut socket: WebSocket, state: AppState, headers: HeaderMap
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn cross_site_requests_are_refused() {
-        let mut h = HeaderMap::new();
-        h.insert(header::HOST, "gw.example:8080".parse().unwrap());
-        assert!(same_origin(&h).is_ok(), "no Origin: a script or curl");
-        h.insert(header::ORIGIN, "http://gw.example:8080".parse().unwrap());
-        assert!(same_origin(&h).is_ok());
-        h.insert(header::ORIGIN, "https://evil.example".parse().unwrap());
-        assert!(same_origin(&h).is_err());
-    }
 
     #[test]
     fn bodies_are_optional_and_strict() {
