@@ -151,25 +151,7 @@ pub async fn start(opts: StackOptions) -> Stack {
             .env_remove("COMFY_MULTI_CONFIG");
     };
 
-    let mut gateway = tokio::process::Command::new(bin_path("gateway"));
-    common(&mut gateway);
-    gateway.arg("serve").env("GATEWAY_LISTEN", format!("127.0.0.1:{gateway_port}"));
-    processes.push(spawn_logged(gateway, "gateway"));
-    wait_until("the gateway to be healthy", Duration::from_secs(30), || {
-        let (http, url) = (http.clone(), format!("{gateway_url}/healthz"));
-        async move { http.get(url).send().await.ok().filter(|r| r.status().is_success()) }
-    })
-    .await
-    .unwrap();
-    consul
-        .register_service("comfy-gateway", "gateway-test", gateway_port, &[], Some(&format!("{gateway_url}/healthz")))
-        .await
-        .unwrap();
-    consul.wait_passing("comfy-gateway").await.unwrap();
-
-    let mut dispatcher = tokio::process::Command::new(bin_path("dispatcher"));
-    common(&mut dispatcher);
-    dispatcher.arg("run");
+    // The executor first, so the gateway (admin page) and the dispatcher both know it.
     let mut real_nomad = None;
     let mut nomad_addr = None;
     match executor {
@@ -206,7 +188,26 @@ pub async fn start(opts: StackOptions) -> Stack {
         env.push(("EXECUTOR".into(), "nomad".into()));
         env.push(("NOMAD_ADDR".into(), url.clone()));
     }
-    dispatcher.envs(env.iter().map(|(k, v)| (k, v)));
+    let mut gateway = tokio::process::Command::new(bin_path("gateway"));
+    common(&mut gateway);
+    gateway.envs(env.iter().map(|(k, v)| (k, v)));
+    gateway.arg("serve").env("GATEWAY_LISTEN", format!("127.0.0.1:{gateway_port}"));
+    processes.push(spawn_logged(gateway, "gateway"));
+    wait_until("the gateway to be healthy", Duration::from_secs(30), || {
+        let (http, url) = (http.clone(), format!("{gateway_url}/healthz"));
+        async move { http.get(url).send().await.ok().filter(|r| r.status().is_success()) }
+    })
+    .await
+    .unwrap();
+    consul
+        .register_service("comfy-gateway", "gateway-test", gateway_port, &[], Some(&format!("{gateway_url}/healthz")))
+        .await
+        .unwrap();
+    consul.wait_passing("comfy-gateway").await.unwrap();
+
+    let mut dispatcher = tokio::process::Command::new(bin_path("dispatcher"));
+    common(&mut dispatcher);
+    dispatcher.arg("run").envs(env.iter().map(|(k, v)| (k, v)));
     processes.push(spawn_logged(dispatcher, "dispatcher"));
 
     let codes = std::fs::read_to_string(data_dir.join("secrets/access-codes.txt"))

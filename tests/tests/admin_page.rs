@@ -24,8 +24,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use comfy_multi_tests::comfyui::model_free_workflow;
-use comfy_multi_tests::harness::{bin_path, free_port, spawn_logged, wait_until, ChildGuard};
-use comfy_multi_tests::stack::{start, Executor, Stack, StackOptions, ADMIN_TOKEN};
+use comfy_multi_tests::harness::wait_until;
+use comfy_multi_tests::stack::{start, Executor, StackOptions, ADMIN_TOKEN};
 use futures_util::StreamExt;
 use reqwest::header::{CONTENT_TYPE, LOCATION, ORIGIN};
 use reqwest::{Method, StatusCode};
@@ -34,26 +34,6 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 const WAIT: Duration = Duration::from_secs(60);
 
-/// A gateway on the stack's Redis that knows the Nomad stand-in.
-async fn admin_gateway(stack: &Stack) -> (ChildGuard, String) {
-    let port = free_port();
-    let mut cmd = tokio::process::Command::new(bin_path("gateway"));
-    cmd.arg("serve")
-        .envs(stack.dispatcher_env.iter().map(|(k, v)| (k, v)))
-        .env("GATEWAY_LISTEN", format!("127.0.0.1:{port}"))
-        .env_remove("COMFY_MULTI_CONFIG")
-        .env_remove("NOMAD_TOKEN");
-    let guard = spawn_logged(cmd, "admin-gateway");
-    let url = format!("http://127.0.0.1:{port}");
-    let http = reqwest::Client::new();
-    wait_until("the admin gateway to be healthy", Duration::from_secs(30), || {
-        let req = http.get(format!("{url}/healthz"));
-        async move { req.send().await.ok().filter(|r| r.status().is_success()) }
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}: {}", guard.log_tail(30)));
-    (guard, url)
-}
 
 struct Admin {
     url: String,
@@ -140,15 +120,10 @@ fn participant(s: &Value, n: u32) -> &Value {
 async fn the_admin_api_shows_the_workshop_and_steers_it() {
     let stack =
         start(StackOptions { node_delay: Duration::from_millis(600), ..StackOptions::new(Executor::Nomad) }).await;
-    let (_gw, url) = admin_gateway(&stack).await;
+    let url = stack.gateway_url.clone();
     let admin = Admin::new(&url);
     let prompt = || json!({ "prompt": model_free_workflow() });
 
-    // The stack's own gateway runs with the local executor and says so.
-    let local = Admin::new(&stack.gateway_url).snapshot().await;
-    assert_eq!(local["cluster"]["executor"], "local", "{local:#}");
-    assert!(local["cluster"]["note"].as_str().unwrap().contains("Local executor"));
-    assert_eq!(local["cluster"]["nodes"], json!([]));
 
     // Pause: nothing is dispatched, the snapshot says so and why.
     admin.ok("pause", Some(json!({ "reason": "explaining the next step" }))).await;
@@ -357,6 +332,11 @@ fn admin_routes(job: &str) -> Vec<(Method, String)> {
 #[tokio::test]
 async fn participants_get_nowhere_on_the_admin_routes() {
     let stack = start(StackOptions::new(Executor::Local)).await;
+    // With the local executor the page says so instead of listing Nomad nodes.
+    let local = Admin::new(&stack.gateway_url).snapshot().await;
+    assert_eq!(local["cluster"]["executor"], "local", "{local:#}");
+    assert!(local["cluster"]["note"].as_str().unwrap().contains("Local executor"));
+    assert_eq!(local["cluster"]["nodes"], json!([]));
     let url = &stack.gateway_url;
     let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
     let admin = Admin::new(url);
@@ -542,7 +522,7 @@ async fn the_page_is_live_in_a_real_browser_and_cancels() {
     }
     let stack =
         start(StackOptions { node_delay: Duration::from_millis(900), ..StackOptions::new(Executor::Nomad) }).await;
-    let (_gw, url) = admin_gateway(&stack).await;
+    let url = stack.gateway_url.clone();
     let admin = Admin::new(&url);
     let prompt = || json!({ "prompt": model_free_workflow() });
     let shot = artifacts_dir().join("admin-page.png");
