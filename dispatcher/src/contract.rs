@@ -59,6 +59,12 @@ pub mod internal {
     pub fn outputs(job: &str) -> String {
         format!("{PREFIX}/jobs/{job}/outputs")
     }
+    /// `POST` one binary preview frame from ComfyUI's websocket, as received
+    /// (type 1, or type 4 of the job's prompt), to relay to the user. Best
+    /// effort: gpu-task drops previews rather than wait.
+    pub fn preview(job: &str) -> String {
+        format!("{PREFIX}/jobs/{job}/preview")
+    }
     /// `POST` the final [`super::Finished`] report.
     pub fn finished(job: &str) -> String {
         format!("{PREFIX}/jobs/{job}/finished")
@@ -132,6 +138,13 @@ pub struct OutputQuery {
     /// Its position within the node's outputs of that kind.
     #[serde(default)]
     pub index: u32,
+    /// ComfyUI's folder type: `output` (saved) or `temp` (a `PreviewImage`).
+    #[serde(rename = "type", default = "output_type")]
+    pub folder_type: String,
+}
+
+fn output_type() -> String {
+    "output".into()
 }
 
 /// gpu-task's final report on a job.
@@ -170,6 +183,9 @@ mod tests {
         assert_eq!(split_file_reference("w/1.png [temp]"), ("temp", "w/1.png"));
         assert_eq!(split_file_reference("x [output]"), ("output", "x"));
         assert_eq!(split_file_reference("x[input]"), ("input", "x[input]"));
+        // Uploads from before `type` existed are outputs.
+        let q: OutputQuery = serde_json::from_value(json!({"node": "7", "kind": "images", "filename": "a.png"})).unwrap();
+        assert_eq!(q.folder_type, "output");
         assert_eq!(internal::input("j", "sub/b.png [input]"), "/_internal/jobs/j/inputs/sub%2Fb.png%20%5Binput%5D");
     }
 }

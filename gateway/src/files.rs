@@ -1,7 +1,8 @@
 //! Where participants' files live on disk, and which names are safe.
 //!
 //! Outputs of job J of user N are stored under
-//! `<data_dir>/users/N/output/J/<file name ComfyUI gave it>`, so two
+//! `<data_dir>/users/N/output/J/<file name ComfyUI gave it>` (temp previews,
+//! from `PreviewImage`, under `users/N/temp/J/`), so two
 //! participants whose prompts make the same file name on the GPU node never
 //! collide, and `/user/N/api/view` can only ever reach user N's folder. Every
 //! name that comes from outside goes through [`safe_name`] first.
@@ -58,16 +59,28 @@ impl Files {
         }
     }
 
-    /// The folder of job `job`'s outputs; its name is the outputs' `subfolder`.
-    pub fn output_dir(&self, user: u32, job: &JobId) -> PathBuf {
-        self.root.join("users").join(user.to_string()).join("output").join(job.to_string())
+    /// The folder of job `job`'s files of type `kind` (`output` or `temp`);
+    /// its name is the files' `subfolder`.
+    pub fn job_dir(&self, user: u32, kind: &str, job: &JobId) -> Result<PathBuf, ApiError> {
+        match kind {
+            "output" | "temp" => Ok(self.user_dir(user, kind)?.join(job.to_string())),
+            other => Err(ApiError::bad_request("invalid_type", format!("a job's files are output or temp, not {other:?}"))),
+        }
     }
 
-    /// Stores one output file atomically (temp file + rename): a retried
-    /// upload replaces the file with the same bytes, never half of it.
-    pub async fn store_output(&self, user: u32, job: &JobId, filename: &str, bytes: &[u8]) -> Result<(), ApiError> {
+    /// Stores one output file of type `kind` (`output` or `temp`) atomically
+    /// (temp file + rename): a retried upload replaces the file with the
+    /// same bytes, never half of it.
+    pub async fn store_output(
+        &self,
+        user: u32,
+        kind: &str,
+        job: &JobId,
+        filename: &str,
+        bytes: &[u8],
+    ) -> Result<(), ApiError> {
         let name = safe_name(filename)?;
-        let dir = self.output_dir(user, job);
+        let dir = self.job_dir(user, kind, job)?;
         let io = |e: std::io::Error| ApiError::Internal(format!("cannot store output in {}: {e}", dir.display()));
         tokio::fs::create_dir_all(&dir).await.map_err(io)?;
         let tmp = dir.join(format!(".{name}.{}.part", uuid::Uuid::new_v4()));

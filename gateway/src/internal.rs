@@ -21,6 +21,9 @@ use crate::auth::{bearer, constant_time_eq};
 use crate::error::ApiError;
 use crate::state::AppState;
 
+/// The largest preview frame accepted (ComfyUI's previews are small JPEGs).
+pub const MAX_PREVIEW_BYTES: usize = 8 * 1024 * 1024;
+
 /// A request that carries the internal secret.
 pub struct Internal;
 
@@ -54,6 +57,10 @@ pub fn routes(state: &AppState) -> Router<AppState> {
         .route(
             &format!("{p}/jobs/{{id}}/outputs"),
             put(output).layer(axum::extract::DefaultBodyLimit::max(state.limits.max_output_bytes)),
+        )
+        .route(
+            &format!("{p}/jobs/{{id}}/preview"),
+            post(preview).layer(axum::extract::DefaultBodyLimit::max(MAX_PREVIEW_BYTES)),
         )
         .route(&format!("{p}/jobs/{{id}}/finished"), post(finished))
         .route(&format!("{p}/jobs/{{id}}/inputs/{{reference}}"), get(input))
@@ -137,7 +144,54 @@ async fn events(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// `PUT outputs`: one output file. Idempotent per (node, kind, index).
+/// `POST preview`: a binary preview frame from ComfyUI's websocket (type 1,
+/// or type 4 with its `prompt_id` rewritten to the job id) for the user's
+/// editors, as a binary websocket frame (`crate::ws`).
+async fn preview(
+    _: Internal,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<StatusCode, ApiError> {
+    let job = job(&state, &id).await?;
+    require_in_flight(&job)?;
+    let frame = retag_preview(&body, &job.id)?;
+    crate::ws::relay_preview(&state, &job, &frame).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// A preview frame for the editor: type 1 as is, type 4 with the job id as
+/// `prompt_id` in its metadata. Other frames are refused.
+fn retag_preview(frame: &[u8], job: &JobId) -> Result<Vec<u8>, ApiError> {
+    let invalid = |why: String| {
+        ApiError::bad_request("invalid_preview", format!("{why}: a preview is a ComfyUI binary frame of type 1 or 4"))
+    };
+    let word = |at: usize| frame.get(at..at + 4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+    match word(0) {
+        Some(1) if frame.len() > 8 => Ok(frame.to_vec()),
+        Some(4) => {
+            let len = word(4).ok_or_else(|| invalid("no metadata length".into()))? as usize;
+            let end = 8usize.saturating_add(len);
+            let meta = frame.get(8..end).ok_or_else(|| invalid("metadata longer than the frame".into()))?;
+            let mut meta: Value =
+                serde_json::from_slice(meta).map_err(|e| invalid(format!("metadata is not JSON ({e})")))?;
+            let Some(fields) = meta.as_object_mut() else { return Err(invalid("metadata is not an object".into())) };
+            fields.insert("prompt_id".into(), Value::String(job.to_string()));
+            let meta = meta.to_string().into_bytes();
+            let mut out = Vec::with_capacity(8 + meta.len() + frame.len() - end);
+            out.extend_from_slice(&4u32.to_be_bytes());
+            out.extend_from_slice(&(meta.len() as u32).to_be_bytes());
+            out.extend_from_slice(&meta);
+            out.extend_from_slice(&frame[end..]);
+            Ok(out)
+        }
+        Some(kind) => Err(invalid(format!("type {kind}, or no image"))),
+        None => Err(invalid("too short".into())),
+    }
+}
+
+/// `PUT outputs`: one output file (`type=output`, the default) or temp
+/// preview (`type=temp`). Idempotent per (node, kind, index).
 async fn output(
     _: Internal,
     State(state): State<AppState>,
@@ -148,8 +202,8 @@ async fn output(
     let job = job(&state, &id).await?;
     require_in_flight(&job)?;
     crate::files::safe_name(&q.kind)?;
-    state.files.store_output(job.user, &job.id, &q.filename, &body).await?;
-    let file = FileRef { filename: q.filename.clone(), subfolder: job.id.to_string(), kind: "output".into() };
+    state.files.store_output(job.user, &q.folder_type, &job.id, &q.filename, &body).await?;
+    let file = FileRef { filename: q.filename.clone(), subfolder: job.id.to_string(), kind: q.folder_type.clone() };
     if state.store.add_output(&job.id, &q.node, &q.kind, q.index, &file).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {
@@ -208,5 +262,36 @@ fn retag(data: Option<&mut Value>, job: &JobId) {
         if data.contains_key("prompt_id") {
             data.insert("prompt_id".into(), Value::String(job.to_string()));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn previews_carry_the_job_id() {
+        let job = JobId::new_v4();
+        let meta = br#"{"node_id":"3","prompt_id":"comfy-own","image_type":"image/png"}"#;
+        let mut frame = 4u32.to_be_bytes().to_vec();
+        frame.extend((meta.len() as u32).to_be_bytes());
+        frame.extend(meta);
+        frame.extend(b"PNGDATA");
+        let out = retag_preview(&frame, &job).unwrap();
+        assert_eq!(&out[..4], &4u32.to_be_bytes());
+        let len = u32::from_be_bytes(out[4..8].try_into().unwrap()) as usize;
+        let meta: Value = serde_json::from_slice(&out[8..8 + len]).unwrap();
+        assert_eq!(meta["prompt_id"], job.to_string());
+        assert_eq!(meta["node_id"], "3");
+        assert_eq!(&out[8 + len..], b"PNGDATA");
+
+        let mut one = 1u32.to_be_bytes().to_vec();
+        one.extend(1u32.to_be_bytes());
+        one.extend(b"JPEG");
+        assert_eq!(retag_preview(&one, &job).unwrap(), one);
+        assert!(retag_preview(&one[..8], &job).is_err());
+        assert!(retag_preview(&[0, 0, 0, 2, 1, 2, 3, 4, 5], &job).is_err());
+        assert!(retag_preview(&frame[..12], &job).is_err());
+        assert!(retag_preview(&[0, 0, 0, 4, 255, 255, 255, 255], &job).is_err());
     }
 }

@@ -39,17 +39,21 @@
 //!   queued for a GPU, failed to upload its outputs — the gateway sends them,
 //!   from the job record (`execution_error` carries the job's error).
 //!
-//! Not (yet) sent: binary preview frames (`b_preview`, types 1 and 4) —
-//! gpu-task relays ComfyUI's JSON messages only (TODO: relay previews through
-//! the internal API and forward them here as binary frames); and the
-//! `executing` ComfyUI sends on connect to the client whose prompt runs.
+//! - **Binary previews** (types 1 and 4, `shared/comfyui-api.md` 9.2) of the
+//!   participant's running job, as gpu-task posted them (best effort, so
+//!   some may be missing), type 4 with `prompt_id` = the job id. They are
+//!   never held back.
+//!
+//! Not (yet) sent: the `executing` ComfyUI sends on connect to the client
+//! whose prompt runs.
 //!
 //! # Outputs in `executed`
 //!
 //! ComfyUI's `executed` names the file as ComfyUI saved it (`subfolder: ""`);
 //! the gateway serves it under `subfolder=<job id>` once gpu-task has uploaded
 //! it, which happens after the prompt ended. So an `executed` that lists
-//! saved outputs is rewritten to the gateway's names, and from it on the
+//! saved outputs or temp previews (`type: "temp"`, from `PreviewImage`) is
+//! rewritten to the gateway's names, and from it on the
 //! job's messages are held back (in Redis, `cm:job:<id>:held`) until
 //! gpu-task's final report: on success they are released in order (the
 //! files are there by then), on failure the `executed` and
@@ -60,7 +64,9 @@
 //!
 //! One Redis pub/sub connection per gateway ([`Events`], started by the
 //! first socket) psubscribes `cm:events:*` and subscribes `cm:wake`; it hands
-//! each participant's messages to their open sockets through one in-memory
+//! each participant's messages to their open sockets (a preview travels as
+//! a [`PREVIEW_EVENT`] envelope, its frame in base64, and leaves as a binary
+//! frame) through one in-memory
 //! `tokio::sync::broadcast` channel per participant. A socket is a receiver
 //! of its participant's channel only, so routing is by construction.
 
@@ -74,6 +80,7 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
+use base64::Engine;
 use dispatcher::job::{now_ms, Job, JobId};
 use dispatcher::queue::{events_channel, JOB_ENDED_EVENT, WAKE_CHANNEL};
 use futures_util::StreamExt;
@@ -102,6 +109,10 @@ const IDS_PER_USER: usize = 32;
 const HELD_TTL_SECS: i64 = 24 * 3600;
 /// How long a new socket waits for the Redis subscription to be in place.
 const READY_WAIT: Duration = Duration::from_secs(5);
+/// `type` of the Redis envelope that carries a binary preview frame
+/// (`{"type": PREVIEW_EVENT, "data": "<base64 of the frame>"}`); it reaches
+/// the socket as that binary frame, never as text.
+pub const PREVIEW_EVENT: &str = "cm_preview";
 /// Job fields noting what gpu-task relayed of a prompt's end.
 const VERDICT_FIELD: &str = "ws_verdict";
 const END_FIELD: &str = "ws_end";
@@ -159,7 +170,7 @@ pub struct Events {
 }
 
 struct Inner {
-    users: Mutex<HashMap<u32, broadcast::Sender<Utf8Bytes>>>,
+    users: Mutex<HashMap<u32, broadcast::Sender<Message>>>,
     clients: Mutex<ClientIds>,
     started: OnceLock<()>,
     /// `true` while the Redis subscription is in place.
@@ -186,7 +197,7 @@ impl Events {
     }
 
     /// A receiver of everything for `user`'s sockets from now on.
-    pub fn subscribe(&self, user: u32) -> broadcast::Receiver<Utf8Bytes> {
+    pub fn subscribe(&self, user: u32) -> broadcast::Receiver<Message> {
         let mut users = self.inner.users.lock().expect("users lock");
         users.entry(user).or_insert_with(|| broadcast::channel(CHANNEL_CAPACITY).0).subscribe()
     }
@@ -203,10 +214,10 @@ impl Events {
         users.keys().copied().collect()
     }
 
-    /// Hands `text` to `user`'s sockets.
-    fn send(&self, user: u32, text: Utf8Bytes) {
+    /// Hands `frame` to `user`'s sockets.
+    fn send(&self, user: u32, frame: Message) {
         if let Some(tx) = self.inner.users.lock().expect("users lock").get(&user) {
-            let _ = tx.send(text);
+            let _ = tx.send(frame);
         }
     }
 
@@ -309,6 +320,14 @@ async fn on_message(state: &AppState, channel: &str, payload: String) {
                 job_ended(state, user, m.get("data").unwrap_or(&Value::Null)).await;
             }
         }
+        PREVIEW_EVENT => {
+            let frame = serde_json::from_str::<Value>(&payload)
+                .ok()
+                .and_then(|m| base64::engine::general_purpose::STANDARD.decode(m["data"].as_str()?).ok());
+            if let Some(frame) = frame {
+                state.events.send(user, Message::Binary(frame.into()));
+            }
+        }
         "execution_start" => {
             // ComfyUI says `status` when a prompt starts, then `execution_start`.
             send_status(state, user).await;
@@ -381,9 +400,9 @@ fn end_field(message: &Value) -> Option<&'static str> {
     }
 }
 
-/// Rewrites the saved outputs an `executed` lists to where the gateway
-/// serves them (`subfolder` = the job id, as gpu-task uploads them); returns
-/// whether it listed any.
+/// Rewrites the saved outputs and temp previews an `executed` lists to where
+/// the gateway serves them (`subfolder` = the job id, as gpu-task uploads
+/// them); returns whether it listed any.
 fn rewrite_outputs(message: &mut Value, job: &JobId) -> bool {
     if message["type"] != "executed" {
         return false;
@@ -396,8 +415,9 @@ fn rewrite_outputs(message: &mut Value, job: &JobId) -> bool {
         let Value::Array(items) = list else { continue };
         for item in items {
             let Value::Object(file) = item else { continue };
-            let saved = file.contains_key("filename") && file.get("type").and_then(Value::as_str).unwrap_or("output") == "output";
-            if saved {
+            let uploaded = file.contains_key("filename")
+                && matches!(file.get("type").and_then(Value::as_str).unwrap_or("output"), "output" | "temp");
+            if uploaded {
                 file.insert("subfolder".into(), Value::String(job.to_string()));
                 any = true;
             }
@@ -442,6 +462,15 @@ pub async fn relay(state: &AppState, job: &Job, mut message: Value) -> Result<()
         .arg(HELD_TTL_SECS)
         .invoke_async(&mut state.auth.accounts_conn())
         .await?;
+    Ok(())
+}
+
+/// Relays one preview frame (already retagged, see `crate::internal`) to the
+/// participant's editors.
+pub async fn relay_preview(state: &AppState, job: &Job, frame: &[u8]) -> Result<(), ApiError> {
+    let data = base64::engine::general_purpose::STANDARD.encode(frame);
+    let envelope = json!({ "type": PREVIEW_EVENT, "data": data }).to_string();
+    let _: () = state.auth.accounts_conn().publish(events_channel(job.user), envelope).await?;
     Ok(())
 }
 
@@ -523,8 +552,8 @@ async fn serve(mut socket: WebSocket, state: AppState, user: u32, sid: String, h
     loop {
         tokio::select! {
             relayed = rx.recv() => match relayed {
-                Ok(text) => {
-                    if socket.send(Message::Text(text)).await.is_err() {
+                Ok(frame) => {
+                    if socket.send(frame).await.is_err() {
                         break;
                     }
                 }
@@ -611,12 +640,17 @@ mod tests {
         }, "prompt_id": job.to_string() } });
         assert!(rewrite_outputs(&mut m, &job));
         assert_eq!(m["data"]["output"]["images"][0]["subfolder"], job.to_string());
-        assert_eq!(m["data"]["output"]["images"][1]["subfolder"], "");
+        assert_eq!(m["data"]["output"]["images"][1]["subfolder"], job.to_string());
         assert_eq!(m["data"]["output"]["text"], json!(["hello"]));
         let mut preview = json!({ "type": "executed", "data": { "output": { "images": [
             { "filename": "p.png", "subfolder": "", "type": "temp" }
         ] } } });
-        assert!(!rewrite_outputs(&mut preview, &job));
+        assert!(rewrite_outputs(&mut preview, &job), "temp previews are uploaded too");
+        assert_eq!(preview["data"]["output"]["images"][0]["subfolder"], job.to_string());
+        let mut input = json!({ "type": "executed", "data": { "output": { "images": [
+            { "filename": "i.png", "subfolder": "", "type": "input" }
+        ] } } });
+        assert!(!rewrite_outputs(&mut input, &job));
         assert!(!rewrite_outputs(&mut json!({ "type": "progress", "data": {} }), &job));
     }
 

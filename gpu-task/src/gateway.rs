@@ -13,6 +13,8 @@ use crate::history::one_line;
 
 /// Timeout of every call except output uploads.
 const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+/// Timeout of posting a preview: a late preview is worthless.
+const PREVIEW_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Why a call to the gateway failed.
 #[derive(Debug, thiserror::Error)]
@@ -144,6 +146,16 @@ impl Gateway {
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(raw.to_string());
         self.send("an event", req).await.map(drop)
+    }
+
+    /// `POST preview`: one binary preview frame, as received from ComfyUI.
+    pub async fn preview(&self, frame: bytes::Bytes) -> Result<(), GatewayError> {
+        let req = self
+            .request(reqwest::Method::POST, internal::preview(&self.job))
+            .timeout(PREVIEW_TIMEOUT)
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(frame);
+        self.send("a preview", req).await.map(drop)
     }
 
     /// `PUT outputs`: one output file's bytes. Idempotent.

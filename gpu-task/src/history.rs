@@ -31,6 +31,12 @@ impl OutputFile {
     pub fn is_saved_output(&self) -> bool {
         self.folder_type == "output"
     }
+
+    /// Whether gpu-task uploads the file to the gateway: saved outputs and
+    /// temp previews (`PreviewImage`, which the editor shows), not echoed inputs.
+    pub fn is_uploaded(&self) -> bool {
+        self.is_saved_output() || self.folder_type == "temp"
+    }
 }
 
 /// How ComfyUI says a prompt ended.
@@ -276,6 +282,7 @@ mod tests {
         let saved: Vec<_> =
             files.iter().filter(|f| f.is_saved_output()).map(|f| f.filename.as_str()).collect();
         assert_eq!(saved, ["keep_00001_.png", "v_00001.mp4", "a.flac"]);
+        assert!(files[0].is_uploaded(), "temp previews are uploaded too");
         assert_eq!(files[2].subfolder, "vid");
     }
 

@@ -4,9 +4,10 @@
 //! websocket, copy the participant's files the prompt refers to (the
 //! payload's `inputs`) into ComfyUI's input folder under
 //! `comfy-multi/u<user>/` and point the prompt at them, queue the prompt,
-//! relay its messages while watching for its end
-//! (websocket, with a `/history` poll as the safety net), upload the saved
-//! outputs, and report the verdict. Every way this can go wrong ends in one
+//! relay its messages (and, best effort, its binary previews) while watching
+//! for its end (websocket, with a `/history` poll as the safety net), upload
+//! the saved outputs and temp previews (`PreviewImage`), and report the
+//! verdict. Every way this can go wrong ends in one
 //! [`Failure`], whose text is the one-line reason the participant, the
 //! instructor and the executor see.
 
@@ -246,7 +247,7 @@ async fn work(
         Outcome::Interrupted => return Err(Failure::Interrupted),
         Outcome::Unknown(why) => return Err(Failure::Unknown(why)),
     }
-    for file in verdict.outputs.iter().filter(|f| f.is_saved_output()) {
+    for file in verdict.outputs.iter().filter(|f| f.is_uploaded()) {
         or_stop!(stop, save_output(&comfy, gateway, file))?;
     }
     Ok(())
@@ -342,6 +343,10 @@ impl<'a> Follow<'a> {
                         self.last_contact = Instant::now();
                         self.on_message(raw, &value);
                         self.done
+                    }
+                    Some(SocketEvent::Binary(frame)) => {
+                        self.on_binary(frame);
+                        false
                     }
                     Some(SocketEvent::Closed(reason)) => {
                         tracing::warn!(%reason, "websocket to ComfyUI closed; polling its history");
@@ -456,6 +461,13 @@ impl<'a> Follow<'a> {
         self.relay.send(Relayed { kind, raw });
     }
 
+    /// Offers the frame to the relay if it is a preview of our prompt.
+    fn on_binary(&mut self, frame: bytes::Bytes) {
+        if crate::relay::is_preview_of(&frame, self.prompt_id) {
+            self.relay.preview(frame);
+        }
+    }
+
     /// When the history showed the end before the websocket did, waits a
     /// little for the websocket's last messages so the editor gets them too.
     async fn tail(&mut self, limit: Duration) {
@@ -463,6 +475,7 @@ impl<'a> Follow<'a> {
         while !self.done && self.socket_open {
             match tokio::time::timeout_at(deadline, self.rx.recv()).await {
                 Ok(Some(SocketEvent::Message { raw, value })) => self.on_message(raw, &value),
+                Ok(Some(SocketEvent::Binary(frame))) => self.on_binary(frame),
                 Ok(Some(SocketEvent::Reopened)) => {}
                 _ => return,
             }
@@ -543,6 +556,7 @@ async fn save_output(comfy: &Comfy, gateway: &Gateway, file: &OutputFile) -> Res
         kind: file.kind.clone(),
         filename: file.filename.clone(),
         index: file.index,
+        folder_type: file.folder_type.clone(),
     };
     Backoff::PATIENT
         .run("saving an output", SaveError::is_transient, || async {

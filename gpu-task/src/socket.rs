@@ -6,7 +6,8 @@
 //! `/prompt` to answer, when ComfyUI may already be sending the first
 //! events). If the socket drops, the task says so (the flow then polls
 //! `/history` at once) and reconnects under the same client id, which
-//! ComfyUI routes the prompt's messages to.
+//! ComfyUI routes the prompt's messages to. Binary frames (previews) are
+//! handed over as they are; the flow decides which are its prompt's.
 
 use std::time::Duration;
 
@@ -23,6 +24,8 @@ use crate::comfy::{Comfy, Socket};
 pub enum SocketEvent {
     /// A JSON text message.
     Message { raw: String, value: Value },
+    /// A binary frame (a preview), as received.
+    Binary(bytes::Bytes),
     /// The socket closed or failed; reconnecting.
     Closed(String),
     /// The socket is open again.
@@ -78,7 +81,12 @@ async fn read(socket: &mut Socket, tx: &mpsc::UnboundedSender<SocketEvent>) -> S
                     Err(e) => tracing::debug!(error = %e, "ignored a websocket message that is not JSON"),
                 }
             }
-            // Previews (binary) are not relayed; pings are answered by tungstenite.
+            Ok(Message::Binary(frame)) => {
+                if tx.send(SocketEvent::Binary(frame)).is_err() {
+                    return "no longer needed".into();
+                }
+            }
+            // Pings are answered by tungstenite.
             Ok(Message::Close(frame)) => {
                 return frame
                     .map(|f| format!("closed by ComfyUI: {} {}", f.code, f.reason))

@@ -369,5 +369,6 @@ fn serde_urlencoded_query(query: &str) -> OutputQuery {
         kind: pairs["kind"].clone(),
         filename: pairs["filename"].clone(),
         index: pairs["index"].parse().unwrap(),
+        folder_type: pairs.get("type").cloned().unwrap_or_else(|| "output".into()),
     }
 }

@@ -55,6 +55,33 @@ async fn workflow_becomes_an_image_through_a_real_nomad() {
     workflow_becomes_an_image(Executor::RealNomad).await;
 }
 
+/// A workflow that ends in `PreviewImage`: its temp file is uploaded and
+/// served under `type=temp`, to its participant only.
+#[tokio::test]
+async fn a_preview_image_is_served_as_temp() {
+    let stack = stack(Executor::Local).await;
+    let workflow = json!({
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 48, "batch_size": 1, "color": 255}},
+        "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}
+    });
+    let id = stack.submit(3, json!({ "prompt": workflow })).await;
+    let entry = stack.finished(3, &id).await;
+    assert_eq!(entry["status"]["status_str"], "success", "history: {entry:#}");
+    let image = &entry["outputs"]["2"]["images"][0];
+    assert_eq!(image["type"], "temp", "history: {entry:#}");
+    assert_eq!(image["subfolder"], id.as_str(), "history: {entry:#}");
+    let view = format!("view?filename={}&subfolder={id}&type=temp", image["filename"].as_str().unwrap());
+    let png = stack.get(3, &view).send().await.unwrap();
+    assert_eq!(png.status(), 200);
+    assert_eq!(png.headers()["content-type"], "image/png");
+    let bytes = png.bytes().await.unwrap();
+    let decoder = png::Decoder::new(std::io::Cursor::new(bytes.to_vec()));
+    let info = decoder.read_info().unwrap().info().clone();
+    assert_eq!((info.width, info.height), (64, 48));
+
+    assert_eq!(stack.get(4, &view).send().await.unwrap().status(), 404);
+}
+
 /// A workflow over Nomad's 16 KiB payload limit is dispatched without a
 /// payload; gpu-task fetches it from the gateway.
 #[tokio::test]

@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use comfy_multi_tests::comfyui::model_free_workflow;
-use comfy_multi_tests::stack::{start, Executor, Stack, StackOptions, ADMIN_TOKEN};
+use comfy_multi_tests::stack::{start, Executor, Stack, StackOptions, ADMIN_TOKEN, INTERNAL_SECRET};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
@@ -76,6 +76,23 @@ impl Socket {
                 Message::Binary(_) => panic!("user {}: unexpected binary frame", self.user),
                 Message::Close(c) => panic!("user {}: closed: {c:?}", self.user),
                 _ => {}
+            }
+        }
+    }
+
+    /// The next binary frame; JSON messages before it are passed to `text`.
+    async fn next_binary(&mut self, mut text: impl FnMut(Value)) -> Vec<u8> {
+        loop {
+            let next = tokio::time::timeout(MESSAGE_DEADLINE, self.stream.next())
+                .await
+                .unwrap_or_else(|_| panic!("user {}: no binary frame for {MESSAGE_DEADLINE:?}", self.user));
+            match next {
+                Some(Ok(Message::Binary(frame))) => return frame.to_vec(),
+                Some(Ok(Message::Text(t))) => text(serde_json::from_str(t.as_str()).unwrap()),
+                Some(Ok(Message::Close(c))) => panic!("user {}: closed: {c:?}", self.user),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => panic!("user {}: {e}", self.user),
+                None => panic!("user {}: the socket closed", self.user),
             }
         }
     }
@@ -343,4 +360,59 @@ async fn a_hundred_editors_each_get_their_own_progress_and_nobody_elses() {
             assert!(sig.contains(&"execution_success".to_string()), "{user} {id}: {sig:?}");
         }
     }
+}
+
+/// A preview frame (type 4) gpu-task posts for a running job reaches its
+/// participant's sockets as a binary frame with the job id as `prompt_id`,
+/// and nobody else's.
+#[tokio::test]
+async fn previews_reach_their_participant_alone() {
+    let stack = start(StackOptions { node_delay: Duration::from_secs(2), ..StackOptions::new(Executor::Local) }).await;
+    let mut two = Socket::connect(&stack, 2, None).await;
+    two.hello(0).await;
+    let mut three = Socket::connect(&stack, 3, None).await;
+    three.hello(0).await;
+
+    let job = stack.submit(2, json!({ "prompt": fresh_workflow() })).await;
+    loop {
+        let m = two.next().await;
+        if m["type"] == "execution_start" {
+            break;
+        }
+    }
+
+    let meta = json!({ "node_id": "2", "display_node_id": "2", "parent_node_id": null, "real_node_id": "2",
+        "prompt_id": "comfyuis-own-prompt-id", "image_type": "image/jpeg" })
+    .to_string();
+    let mut frame = 4u32.to_be_bytes().to_vec();
+    frame.extend((meta.len() as u32).to_be_bytes());
+    frame.extend(meta.as_bytes());
+    frame.extend(b"\xff\xd8\xff\xe0jpeg");
+    let internal = |path: &str| format!("{}/_internal/jobs/{job}/{path}", stack.gateway_url);
+    let http = reqwest::Client::new();
+    // Without the secret: refused.
+    let refused = http.post(internal("preview")).body(frame.clone()).send().await.unwrap();
+    assert_eq!(refused.status(), 401);
+    let posted = http
+        .post(internal("preview"))
+        .header("x-comfy-multi-secret", INTERNAL_SECRET)
+        .body(frame.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(posted.status(), 204, "{}", posted.text().await.unwrap());
+
+    let got = two.next_binary(|m| assert_eq!(m["data"]["prompt_id"].as_str().unwrap_or(job.as_str()), job)).await;
+    assert_eq!(&got[..4], &4u32.to_be_bytes());
+    let len = u32::from_be_bytes(got[4..8].try_into().unwrap()) as usize;
+    let got_meta: Value = serde_json::from_slice(&got[8..8 + len]).unwrap();
+    assert_eq!(got_meta["prompt_id"], job.as_str());
+    assert_eq!(got_meta["node_id"], "2");
+    assert_eq!(&got[8 + len..], b"\xff\xd8\xff\xe0jpeg");
+
+    // Participant 3: the status of its own submit comes first (the gateway
+    // fans out in Redis's order), with no binary frame before it.
+    stack.submit(3, json!({ "prompt": fresh_workflow() })).await;
+    let status = three.next().await;
+    assert_eq!(status["type"], "status", "{status}");
 }
