@@ -19,10 +19,8 @@
 // on the page. Every wait has a deadline (COMFY_MULTI_BROWSER_TIMEOUT_MS,
 // default 30000); nothing sleeps. CHROMIUM_PATH overrides /usr/bin/chromium.
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
-import readline from 'node:readline';
-import { chromium } from 'playwright-core';
+import { cleanup, commands, launch, say } from './lib.mjs';
 
 const [url, token, shotPath] = process.argv.slice(2);
 if (!url || !token || !shotPath) {
@@ -30,19 +28,8 @@ if (!url || !token || !shotPath) {
   process.exit(2);
 }
 const TIMEOUT = Number(process.env.COMFY_MULTI_BROWSER_TIMEOUT_MS || 30000);
-const CHROMIUM = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
-// A projector-sized window by default; COMFY_MULTI_BROWSER_VIEWPORT=1280x720 for a small one.
-const [WIDTH, HEIGHT] = (process.env.COMFY_MULTI_BROWSER_VIEWPORT || '1600x900').split('x').map(Number);
 
-const say = (line) => process.stdout.write(`${line}\n`);
 const pageErrors = [];
-let context = null;
-let profile = null;
-
-async function cleanup() {
-  if (context) await context.close().catch(() => {});
-  if (profile) fs.rmSync(profile, { recursive: true, force: true });
-}
 
 async function fail(why) {
   say(`ERROR ${String(why).replace(/\s+/g, ' ')}`);
@@ -55,23 +42,7 @@ process.on('unhandledRejection', (e) => fail(e && e.stack ? e.stack : e));
 const rowSel = (table, id) => `#${table} tbody tr[data-job-id="${id}"]`;
 
 async function main() {
-  profile = fs.mkdtempSync(path.join(os.tmpdir(), 'comfy-multi-chromium-'));
-  context = await chromium.launchPersistentContext(profile, {
-    executablePath: CHROMIUM,
-    headless: true,
-    args: [
-      '--headless',
-      '--no-sandbox',
-      '--disable-gpu',
-      '--disable-background-networking',
-      '--disable-component-update',
-      '--disable-sync',
-      '--no-first-run',
-    ],
-    viewport: { width: WIDTH, height: HEIGHT },
-    timeout: TIMEOUT,
-  });
-  context.setDefaultTimeout(TIMEOUT);
+  const context = await launch(TIMEOUT);
   const page = context.pages()[0] || (await context.newPage());
   page.on('pageerror', (e) => pageErrors.push(e.message));
   page.on('console', (m) => { if (m.type() === 'error') process.stderr.write(`[page console] ${m.text()}\n`); });
@@ -86,11 +57,7 @@ async function main() {
   await page.evaluate(() => { window.__noReload = true; });
   say('READY');
 
-  const lines = readline.createInterface({ input: process.stdin });
-  for await (const line of lines) {
-    const [cmd, arg] = line.trim().split(/\s+/);
-    const rest = line.trim().slice(cmd.length).trim();
-    if (!cmd) continue;
+  for await (const { cmd, words: [, arg], rest } of commands()) {
     if (cmd === 'WAIT_ROW') {
       const where = await page.waitForFunction((id) => {
         for (const t of ['queue', 'running']) {

@@ -28,10 +28,8 @@
 // CHROMIUM_PATH overrides /usr/bin/chromium; COMFY_MULTI_BROWSER_DEBUG=1
 // logs every request to the gateway on stderr.
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
-import readline from 'node:readline';
-import { chromium } from 'playwright-core';
+import { cleanup, commands, launch, say } from './lib.mjs';
 
 const [url, artifacts] = process.argv.slice(2);
 if (!url || !artifacts) {
@@ -39,20 +37,9 @@ if (!url || !artifacts) {
   process.exit(2);
 }
 const TIMEOUT = Number(process.env.COMFY_MULTI_BROWSER_TIMEOUT_MS || 60000);
-const CHROMIUM = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
-const [WIDTH, HEIGHT] = (process.env.COMFY_MULTI_BROWSER_VIEWPORT || '1600x900').split('x').map(Number);
-
-const say = (line) => process.stdout.write(`${line}\n`);
 const log = (line) => process.stderr.write(`[editor.mjs] ${line}\n`);
-let context = null;
-let profile = null;
 let failures = [];
 let pageErrors = [];
-
-async function cleanup() {
-  if (context) await context.close().catch(() => {});
-  if (profile) fs.rmSync(profile, { recursive: true, force: true });
-}
 
 let page = null;
 
@@ -81,23 +68,7 @@ async function openSidebar(page, tab) {
 }
 
 async function main() {
-  profile = fs.mkdtempSync(path.join(os.tmpdir(), 'comfy-multi-chromium-'));
-  context = await chromium.launchPersistentContext(profile, {
-    executablePath: CHROMIUM,
-    headless: true,
-    args: [
-      '--headless',
-      '--no-sandbox',
-      '--disable-gpu',
-      '--disable-background-networking',
-      '--disable-component-update',
-      '--disable-sync',
-      '--no-first-run',
-    ],
-    viewport: { width: WIDTH, height: HEIGHT },
-    timeout: TIMEOUT,
-  });
-  context.setDefaultTimeout(TIMEOUT);
+  const context = await launch(TIMEOUT);
   page = context.pages()[0] || (await context.newPage());
   page.on('pageerror', (e) => {
     // 1.27.10 itself throws on every load: the Comfy.Canvas.NavigationMode
@@ -145,12 +116,7 @@ async function main() {
   });
   say('STARTED');
 
-  const lines = readline.createInterface({ input: process.stdin });
-  for await (const line of lines) {
-    const words = line.trim().split(/\s+/);
-    const cmd = words[0];
-    const rest = line.trim().slice(cmd.length).trim();
-    if (!cmd) continue;
+  for await (const { cmd, words, rest } of commands()) {
     if (cmd === 'LOGIN') {
       const [n, code] = words.slice(1);
       await page.goto(`${url}/logout`);

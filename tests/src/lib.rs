@@ -10,8 +10,10 @@
 //!   at a real ComfyUI instead.
 //! - [`nomad`]: a Nomad API stand-in, faithful to `shared/nomad-api/`, that
 //!   runs dispatched children as local processes the way `raw_exec` would.
+//! - [`browser`]: drives Debian's chromium through the `tests/browser/` scripts.
 //! - [`stack`]: the whole local stack as real processes, for end-to-end tests.
 
+pub mod browser;
 pub mod comfyui;
 pub mod harness;
 pub mod nomad;

@@ -19,10 +19,10 @@
 //! dispatcher's environment (`EXECUTOR=nomad`, `NOMAD_ADDR`); the stack's
 //! gateway shows the local-executor view.
 
-use std::path::PathBuf;
-use std::process::Stdio;
+use std::ffi::OsStr;
 use std::time::Duration;
 
+use comfy_multi_tests::browser::{self, Browser};
 use comfy_multi_tests::comfyui::model_free_workflow;
 use comfy_multi_tests::harness::wait_until;
 use comfy_multi_tests::stack::{start, Executor, StackOptions, ADMIN_TOKEN};
@@ -30,7 +30,6 @@ use futures_util::StreamExt;
 use reqwest::header::{CONTENT_TYPE, LOCATION, ORIGIN};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -442,82 +441,12 @@ async fn next_snapshot(ws: &mut Ws) -> Value {
 // Headless Chromium
 // ---------------------------------------------------------------------------
 
-/// Where test artifacts (the screenshot) go: `COMFY_MULTI_ARTIFACTS`, else
-/// `<target>/test-artifacts`.
-fn artifacts_dir() -> PathBuf {
-    match std::env::var_os("COMFY_MULTI_ARTIFACTS") {
-        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
-        _ => PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-            .parent()
-            .expect("<target>/tmp has a parent")
-            .join("test-artifacts"),
-    }
-}
-
-/// `node tests/browser/admin.mjs ...` in its own process group, killed with
-/// its Chromium when dropped.
-struct Browser {
-    child: tokio::process::Child,
-    pgid: i32,
-    stdin: tokio::process::ChildStdin,
-    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
-}
-
-impl Browser {
-    async fn start(url: &str, shot: &std::path::Path) -> Browser {
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("browser");
-        for (path, fix) in [
-            (PathBuf::from("/usr/bin/chromium"), "Debian's chromium"),
-            (dir.join("node_modules/playwright-core/package.json"), "tests/browser/node_modules (npm ci)"),
-        ] {
-            assert!(path.exists(), "{} is missing: run scripts/install-deps.sh, which installs {fix}", path.display());
-        }
-        let mut cmd = tokio::process::Command::new("node");
-        cmd.arg(dir.join("admin.mjs"))
-            .arg(url)
-            .arg(ADMIN_TOKEN)
-            .arg(shot)
-            .current_dir(&dir)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .process_group(0)
-            .kill_on_drop(true);
-        let mut child = cmd.spawn().expect("node (Node.js) must be installed: run scripts/install-deps.sh");
-        let pgid = child.id().unwrap() as i32;
-        let stdin = child.stdin.take().unwrap();
-        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        Browser { child, pgid, stdin, lines }
-    }
-
-    /// The script's next line; fails on `ERROR ...`.
-    async fn expect(&mut self, prefix: &str) -> String {
-        let line = tokio::time::timeout(Duration::from_secs(90), self.lines.next_line())
-            .await
-            .unwrap_or_else(|_| panic!("the browser script said nothing for 90 s (waiting for {prefix})"))
-            .unwrap()
-            .unwrap_or_else(|| panic!("the browser script ended before {prefix}"));
-        assert!(line.starts_with(prefix), "the browser script: {line}");
-        line
-    }
-
-    async fn send(&mut self, command: &str) {
-        self.stdin.write_all(format!("{command}\n").as_bytes()).await.unwrap();
-        self.stdin.flush().await.unwrap();
-    }
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(self.pgid), nix::sys::signal::Signal::SIGKILL);
-        let _ = self.child.start_kill();
-    }
-}
+/// How long the admin script gets for each answer.
+const BROWSER_WAIT: Duration = Duration::from_secs(90);
 
 #[tokio::test]
 async fn the_page_is_live_in_a_real_browser_and_cancels() {
-    if std::env::var_os("COMFY_MULTI_SKIP_BROWSER").is_some() {
-        eprintln!("COMFY_MULTI_SKIP_BROWSER is set: skipping the headless Chromium test");
+    if browser::skip() {
         return;
     }
     let stack =
@@ -525,23 +454,23 @@ async fn the_page_is_live_in_a_real_browser_and_cancels() {
     let url = stack.gateway_url.clone();
     let admin = Admin::new(&url);
     let prompt = || json!({ "prompt": model_free_workflow() });
-    let shot = artifacts_dir().join("admin-page.png");
+    let shot = browser::artifacts_dir(env!("CARGO_TARGET_TMPDIR")).join("admin-page.png");
     let _ = std::fs::remove_file(&shot);
 
-    let mut browser = Browser::start(&url, &shot).await;
-    browser.expect("READY").await;
+    let mut browser = Browser::spawn("admin.mjs", [OsStr::new(&url), OsStr::new(ADMIN_TOKEN), shot.as_os_str()]);
+    browser.expect("READY", BROWSER_WAIT).await;
 
     // A job that runs, and one that waits behind it.
     let running_job = stack.submit(1, prompt()).await;
     admin.until("the first job to be in flight", |s| running(s, &running_job).is_some()).await;
     let waiting = stack.submit(2, prompt()).await;
     browser.send(&format!("WAIT_ROW {waiting}")).await;
-    let seen = browser.expect("SEEN").await;
+    let seen = browser.expect("SEEN", BROWSER_WAIT).await;
     assert!(seen.ends_with(" queue") || seen.ends_with(" running"), "{seen}");
 
     // Its Cancel button.
     browser.send(&format!("CANCEL {waiting}")).await;
-    browser.expect("CANCELLED").await;
+    browser.expect("CANCELLED", BROWSER_WAIT).await;
     let store = dispatcher::queue::Store::connect(&stack.redis_url).await.unwrap();
     let id: dispatcher::JobId = waiting.parse().unwrap();
     wait_until("the cancelled job to end cancelled", WAIT, || {
@@ -553,23 +482,23 @@ async fn the_page_is_live_in_a_real_browser_and_cancels() {
 
     // The controls: pause (with a reason) and resume, switch the mode.
     browser.send("CLICK #pause").await;
-    browser.expect("CLICKED").await;
+    browser.expect("CLICKED", BROWSER_WAIT).await;
     browser.send("WAIT_TEXT #dispatch-state PAUSED").await;
-    browser.expect("TEXT").await;
+    browser.expect("TEXT", BROWSER_WAIT).await;
     assert_eq!(admin.snapshot().await["controls"]["paused"], true);
     browser.send("CLICK #resume").await;
-    browser.expect("CLICKED").await;
+    browser.expect("CLICKED", BROWSER_WAIT).await;
     browser.send("WAIT_TEXT #dispatch-state Dispatching").await;
-    browser.expect("TEXT").await;
+    browser.expect("TEXT", BROWSER_WAIT).await;
     browser.send(r#"CLICK button.mode[data-mode="fifo"]"#).await;
-    browser.expect("CLICKED").await;
+    browser.expect("CLICKED", BROWSER_WAIT).await;
     browser.send("WAIT_TEXT #mode-state First come").await;
-    browser.expect("TEXT").await;
+    browser.expect("TEXT", BROWSER_WAIT).await;
     assert_eq!(admin.snapshot().await["controls"]["mode"], "fifo");
     browser.send(r#"CLICK button.mode[data-mode="fair"]"#).await;
-    browser.expect("CLICKED").await;
+    browser.expect("CLICKED", BROWSER_WAIT).await;
     browser.send("WAIT_TEXT #mode-state Fair").await;
-    browser.expect("TEXT").await;
+    browser.expect("TEXT", BROWSER_WAIT).await;
 
     // Fill the page for the screenshot: more participants waiting.
     let mut more = Vec::new();
@@ -578,12 +507,12 @@ async fn the_page_is_live_in_a_real_browser_and_cancels() {
     }
     for id in &more {
         browser.send(&format!("WAIT_ROW {id}")).await;
-        browser.expect("SEEN").await;
+        browser.expect("SEEN", BROWSER_WAIT).await;
     }
     browser.send("SCREENSHOT").await;
-    browser.expect("SHOT").await;
+    browser.expect("SHOT", BROWSER_WAIT).await;
     browser.send("QUIT").await;
-    browser.expect("BYE").await;
+    browser.expect("BYE", BROWSER_WAIT).await;
 
     let png = std::fs::read(&shot).unwrap_or_else(|e| panic!("no screenshot at {}: {e}", shot.display()));
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "{} is not a PNG", shot.display());

@@ -13,81 +13,36 @@
 //! `COMFY_MULTI_ARTIFACTS`); their paths are printed. Set
 //! `COMFY_MULTI_SKIP_BROWSER=1` to skip.
 
+use std::ffi::OsStr;
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
 
+use comfy_multi_tests::browser::{self, Browser};
 use comfy_multi_tests::stack::{start, Executor, Stack, StackOptions, ADMIN_TOKEN};
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 /// The name the workflow has in the workflow browser.
 const WORKFLOW: &str = "Model-free smoke test";
 
-/// Where test artifacts go: `COMFY_MULTI_ARTIFACTS`, else
-/// `<target>/test-artifacts`.
-fn artifacts_dir() -> PathBuf {
-    match std::env::var_os("COMFY_MULTI_ARTIFACTS") {
-        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
-        _ => PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-            .parent()
-            .expect("<target>/tmp has a parent")
-            .join("test-artifacts"),
-    }
-}
+/// `tests/browser/editor.mjs`, with the editor's commands.
+struct Editor(Browser);
 
-/// `node tests/browser/editor.mjs ...` in its own process group, killed with
-/// its Chromium when dropped.
-struct Browser {
-    child: tokio::process::Child,
-    pgid: i32,
-    stdin: tokio::process::ChildStdin,
-    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
-}
-
-impl Browser {
-    async fn start(url: &str, artifacts: &std::path::Path) -> Browser {
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("browser");
-        for (path, fix) in [
-            (PathBuf::from("/usr/bin/chromium"), "Debian's chromium"),
-            (dir.join("node_modules/playwright-core/package.json"), "tests/browser/node_modules (npm ci)"),
-        ] {
-            assert!(path.exists(), "{} is missing: run scripts/install-deps.sh, which installs {fix}", path.display());
-        }
-        let mut cmd = tokio::process::Command::new("node");
-        cmd.arg(dir.join("editor.mjs"))
-            .arg(url)
-            .arg(artifacts)
-            .current_dir(&dir)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .process_group(0)
-            .kill_on_drop(true);
-        let mut child = cmd.spawn().expect("node (Node.js) must be installed: run scripts/install-deps.sh");
-        let pgid = child.id().unwrap() as i32;
-        let stdin = child.stdin.take().unwrap();
-        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let mut browser = Browser { child, pgid, stdin, lines };
+impl Editor {
+    async fn start(url: &str, artifacts: &std::path::Path) -> Editor {
+        let mut browser = Editor(Browser::spawn("editor.mjs", [OsStr::new(url), artifacts.as_os_str()]));
         browser.expect("STARTED").await;
         browser
     }
 
     /// The script's next line, which must start with `prefix`; returns the rest.
     async fn expect(&mut self, prefix: &str) -> String {
-        let line = tokio::time::timeout(Duration::from_secs(120), self.lines.next_line())
-            .await
-            .unwrap_or_else(|_| panic!("the browser script said nothing for 120 s (waiting for {prefix})"))
-            .unwrap()
-            .unwrap_or_else(|| panic!("the browser script ended before {prefix}"));
-        let rest = line.strip_prefix(prefix).unwrap_or_else(|| panic!("the browser script: {line}"));
-        rest.trim().to_string()
+        let line = self.0.expect(prefix, Duration::from_secs(120)).await;
+        line[prefix.len()..].trim().to_string()
     }
 
     /// Sends `command`; returns the rest of the answer line starting with `answer`.
     async fn ask(&mut self, command: &str, answer: &str) -> String {
-        self.stdin.write_all(format!("{command}\n").as_bytes()).await.unwrap();
-        self.stdin.flush().await.unwrap();
+        self.0.send(command).await;
         self.expect(answer).await
     }
 
@@ -105,13 +60,6 @@ impl Browser {
     }
 }
 
-impl Drop for Browser {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(self.pgid), nix::sys::signal::Signal::SIGKILL);
-        let _ = self.child.start_kill();
-    }
-}
-
 async fn admin(stack: &Stack, action: &str) {
     let response = reqwest::Client::new()
         .post(format!("{}/admin/api/{action}", stack.gateway_url))
@@ -125,8 +73,7 @@ async fn admin(stack: &Stack, action: &str) {
 
 #[tokio::test]
 async fn a_participant_runs_a_workflow_in_the_real_editor_and_nobody_else_sees_it() {
-    if std::env::var_os("COMFY_MULTI_SKIP_BROWSER").is_some() {
-        eprintln!("COMFY_MULTI_SKIP_BROWSER is set: skipping the headless Chromium test");
+    if browser::skip() {
         return;
     }
     let stack = start(StackOptions { node_delay: Duration::from_millis(150), ..StackOptions::new(Executor::Local) }).await;
@@ -137,8 +84,8 @@ async fn a_participant_runs_a_workflow_in_the_real_editor_and_nobody_else_sees_i
     let source = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("workflows/model-free.workflow.json");
     std::fs::copy(&source, workflows.join(format!("{WORKFLOW}.json"))).unwrap();
 
-    let artifacts = artifacts_dir();
-    let mut browser = Browser::start(&stack.gateway_url, &artifacts).await;
+    let artifacts = browser::artifacts_dir(env!("CARGO_TARGET_TMPDIR"));
+    let mut browser = Editor::start(&stack.gateway_url, &artifacts).await;
 
     // Participant 2: log in, open the workflow.
     assert_eq!(browser.ask(&format!("LOGIN 2 {}", stack.code(2)), "READY").await, "2");
