@@ -55,24 +55,18 @@ NAME=deploy-control.sh
 # shellcheck disable=SC2034
 DRY_RUN=0
 SRC_BIN_DIR=
+# ARG_USED is read by deploy-lib.sh's parse_args.
 # shellcheck disable=SC2034
-while [ "$#" -gt 0 ]; do
+script_arg() {
     case $1 in
-        --dry-run) DRY_RUN=1 ;;
-        --bin-dir)
-            [ "$#" -ge 2 ] || { printf '[%s] FAILED: --bin-dir needs a folder\n' "$NAME" >&2; exit 1; }
-            SRC_BIN_DIR=$2
-            shift
-            ;;
+        --bin-dir) need_value "$1" "$#"; SRC_BIN_DIR=$2; ARG_USED=2 ;;
         --bin-dir=*) SRC_BIN_DIR=${1#*=} ;;
-        -h | --help) HELP=1 ;;
-        *) printf '[%s] FAILED: unknown argument: %s\n[%s]   how to fix: run %s --help\n' "$NAME" "$1" "$NAME" "$0" >&2; exit 1 ;;
+        *) return 1 ;;
     esac
-    shift
-done
+}
 # shellcheck source=/dev/null
 . "$(dirname "${BASH_SOURCE[0]}")/deploy-lib.sh"
-if [ "${HELP:-0}" = 1 ]; then usage "$0"; exit 0; fi
+parse_args "$@"
 
 R=$DEPLOY_REPO
 need_root

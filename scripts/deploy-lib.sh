@@ -2,8 +2,8 @@
 # deploy-lib.sh: helpers shared by the deploy scripts (deploy-control.sh,
 # gpu-up.sh, gpu-down.sh, status.sh). Sourced, never run.
 #
-# The caller sets NAME (its name in messages) before sourcing and DRY_RUN=1
-# for --dry-run. In a dry run every command and HTTP request is printed
+# The caller sets NAME (its name in messages) before sourcing, then calls
+# parse_args "$@" (--dry-run sets DRY_RUN=1). In a dry run every command and HTTP request is printed
 # instead of run, secrets registered with add_secret are printed as ***, and
 # nothing is written anywhere.
 #
@@ -40,6 +40,38 @@ die() {
         printf '[%s]   how to fix: %s\n' "$NAME" "$(mask "$fix")" >&2
     done
     exit 1
+}
+
+# parse_args "$@": the flags every deploy script takes: --dry-run and
+# -h/--help (the help is printed, after every argument was read, and the
+# script exits). Any other argument goes to the script's own
+# `script_arg ARG [NEXT]`, if it has one: it sets ARG_USED to how many
+# arguments it took (1, or 2 for a flag with a value) and returns non-zero
+# for an argument it does not know.
+parse_args() {
+    local help=0
+    while [ "$#" -gt 0 ]; do
+        ARG_USED=1
+        case $1 in
+            --dry-run) DRY_RUN=1 ;;
+            -h | --help) help=1 ;;
+            *)
+                if ! declare -F script_arg >/dev/null || ! script_arg "$@"; then
+                    die "unknown argument: $1" "run $0 --help"
+                fi
+                ;;
+        esac
+        shift "$ARG_USED"
+    done
+    if [ "$help" = 1 ]; then
+        usage "$0"
+        exit 0
+    fi
+}
+
+# need_value FLAG COUNT: a flag that takes a value was given one.
+need_value() {
+    [ "$2" -ge 2 ] || die "$1 needs a value" "run $0 --help"
 }
 
 # usage FILE: print the comment block at the top of FILE (after the shebang).

@@ -48,28 +48,22 @@ FORCE=0
 KEEP_VOLUME=0
 HOST=
 INSTANCE_ID=
-bad_arg() {
-    printf '[%s] FAILED: %s\n[%s]   how to fix: run %s --help\n' "$NAME" "$1" "$NAME" "$0" >&2
-    exit 1
-}
+# ARG_USED is read by deploy-lib.sh's parse_args.
 # shellcheck disable=SC2034
-while [ "$#" -gt 0 ]; do
+script_arg() {
     case $1 in
-        --dry-run) DRY_RUN=1 ;;
         --force) FORCE=1 ;;
         --keep-volume) KEEP_VOLUME=1 ;;
-        --hostname) [ "$#" -ge 2 ] || bad_arg "--hostname needs a value"; HOST=$2; shift ;;
+        --hostname) need_value "$1" "$#"; HOST=$2; ARG_USED=2 ;;
         --hostname=*) HOST=${1#*=} ;;
-        --instance-id) [ "$#" -ge 2 ] || bad_arg "--instance-id needs a value"; INSTANCE_ID=$2; shift ;;
+        --instance-id) need_value "$1" "$#"; INSTANCE_ID=$2; ARG_USED=2 ;;
         --instance-id=*) INSTANCE_ID=${1#*=} ;;
-        -h | --help) HELP=1 ;;
-        *) bad_arg "unknown argument: $1" ;;
+        *) return 1 ;;
     esac
-    shift
-done
+}
 # shellcheck source=/dev/null
 . "$(dirname "${BASH_SOURCE[0]}")/deploy-lib.sh"
-if [ "${HELP:-0}" = 1 ]; then usage "$0"; exit 0; fi
+parse_args "$@"
 
 need_root
 load_deploy_env

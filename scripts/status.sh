@@ -33,18 +33,9 @@ set -euo pipefail
 NAME=status.sh
 # shellcheck disable=SC2034
 DRY_RUN=0
-# shellcheck disable=SC2034
-while [ "$#" -gt 0 ]; do
-    case $1 in
-        --dry-run) DRY_RUN=1 ;;
-        -h | --help) HELP=1 ;;
-        *) printf '[%s] FAILED: unknown argument: %s\n[%s]   how to fix: run %s --help\n' "$NAME" "$1" "$NAME" "$0" >&2; exit 1 ;;
-    esac
-    shift
-done
 # shellcheck source=/dev/null
 . "$(dirname "${BASH_SOURCE[0]}")/deploy-lib.sh"
-if [ "${HELP:-0}" = 1 ]; then usage "$0"; exit 0; fi
+parse_args "$@"
 
 load_deploy_env
 NOMAD_ADDR=${NOMAD_ADDR:-http://127.0.0.1:4646}
