@@ -492,6 +492,11 @@ return chosen"#
                 fields.push(("started_at", String::new()));
                 fields.push(("executor_ref", String::new()));
             }
+            JobState::Succeeded => {
+                fields.push(("finished_at", now));
+                // A hiccup of an earlier attempt is not the result.
+                fields.push(("error", String::new()));
+            }
             _ => fields.push(("finished_at", now)),
         }
         if let Some(e) = patch.error {

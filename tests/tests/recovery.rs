@@ -54,6 +54,7 @@ async fn a_killed_run_is_retried_then_fails_with_the_reason() {
         assert_eq!(entry["outputs"]["7"]["images"].as_array().map(Vec::len), Some(1));
         let job = store.get(&id.parse().unwrap()).await.unwrap().unwrap();
         assert_eq!(job.attempts, 2, "{executor:?}");
+        assert_eq!(job.error, None, "{executor:?}: the lost first attempt is not the result");
 
         // Killed on every attempt: fails after MAX_ATTEMPTS (3) with a reason.
         let id = stack.submit(2, json!({ "prompt": model_free_workflow() })).await;
