@@ -131,6 +131,9 @@ pub struct DispatcherConfig {
     /// `MAX_ATTEMPTS`: runs a job may get when they end without a result
     /// (gpu-task crashed, node lost) before it fails.
     pub max_attempts: u32,
+    /// `RECONCILE_SECONDS`: how often the dispatcher compares the jobs Redis
+    /// has in flight with the executor's runs (also once at start).
+    pub reconcile_seconds: u64,
 }
 
 /// How to reach Nomad.
@@ -200,6 +203,7 @@ impl Default for DispatcherConfig {
             gpu_task_bin: PathBuf::from("gpu-task"),
             work_dir: None,
             max_attempts: 3,
+            reconcile_seconds: 15,
         }
     }
 }
@@ -359,6 +363,16 @@ impl Config {
         }
         if let Some(v) = get("MAX_ATTEMPTS") {
             self.dispatcher.max_attempts = parse("MAX_ATTEMPTS", v)?;
+        }
+        if let Some(v) = get("RECONCILE_SECONDS") {
+            self.dispatcher.reconcile_seconds = parse("RECONCILE_SECONDS", v)?;
+        }
+        if self.dispatcher.reconcile_seconds == 0 {
+            return Err(ConfigError::Env {
+                var: "RECONCILE_SECONDS",
+                value: "0".into(),
+                why: "reconciliation needs a period of at least 1 second".into(),
+            });
         }
         if let Some(v) = get("WORK_DIR") {
             self.dispatcher.work_dir = Some(v.into());

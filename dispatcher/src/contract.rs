@@ -158,6 +158,13 @@ pub struct Finished {
     /// ComfyUI's history `status.messages` for the prompt, if it gave any.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub messages: Vec<Value>,
+    /// With `success: false`: this run could not do the job for a reason
+    /// outside the workflow (ComfyUI unreachable), so another run may. The
+    /// job is not ended: the gateway notes `error` as the run's reason and
+    /// the dispatcher, seeing gpu-task exit, requeues it (up to
+    /// `max_attempts`) or fails it with that reason.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub retryable: bool,
 }
 
 #[cfg(test)]

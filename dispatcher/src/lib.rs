@@ -22,6 +22,8 @@
 //! - [`executor`]: how a job is actually run: as a dispatched Nomad job, or as
 //!   a local child process; both behind one trait.
 //! - [`drain`]: emptying the GPU before teardown, and resuming after.
+//! - [`health`]: what is down (Redis, Nomad, Consul, ComfyUI, the
+//!   dispatcher) and since when, for `/healthz` and the admin page.
 //! - [`estimate`]: queue positions and estimated waits.
 //! - [`report`]: the post-workshop report (waits, run times, peak
 //!   participants, failures, GPU busy), as JSON or CSV.
@@ -34,6 +36,7 @@ pub mod contract;
 pub mod drain;
 pub mod estimate;
 pub mod executor;
+pub mod health;
 pub mod job;
 pub mod nomad;
 pub mod policy;
@@ -53,6 +56,9 @@ pub fn init_tracing() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(ansi)
+        // A closed stderr (gpu-task whose dispatcher was killed) must not
+        // turn every log line into a panic.
+        .log_internal_errors(false)
         .try_init();
 }
 

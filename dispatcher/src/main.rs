@@ -115,6 +115,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Dispatcher::new(store, executor, config.dispatcher.slots)
                 .with_max_attempts(config.dispatcher.max_attempts)
+                .with_reconcile_every(Duration::from_secs(config.dispatcher.reconcile_seconds))
                 .run(dispatcher::shutdown_signal())
                 .await?;
             tracing::info!("dispatcher stopped; jobs in flight keep running and are followed on restart");

@@ -156,6 +156,23 @@ pub struct RegisterResponse {
     pub warnings: String,
 }
 
+/// One entry of the job list (`GET /v1/jobs`). It has no `Meta`: read the
+/// job for that.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct JobListStub {
+    #[serde(rename = "ID")]
+    pub id: String,
+    #[serde(rename = "ParentID", default)]
+    pub parent_id: String,
+    /// `pending`, `running` or `dead`.
+    #[serde(default)]
+    pub status: String,
+    /// A stop was requested.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub stop: bool,
+}
+
 /// Answer to a job stop (`DELETE /v1/job/:job_id`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "PascalCase")]
@@ -820,6 +837,16 @@ impl NomadClient {
         Ok(self.json(rb, "an evaluation read").await?.0)
     }
 
+    /// The jobs whose id starts with `prefix` (e.g. the children of a
+    /// parameterized job: `comfy-workflow/dispatch-`).
+    pub async fn list_jobs(&self, prefix: &str) -> Result<Vec<JobListStub>, NomadError> {
+        let rb = self
+            .request(reqwest::Method::GET, "/v1/jobs")
+            .query(&[("prefix", prefix)])
+            .timeout(REQUEST_TIMEOUT);
+        Ok(self.json(rb, "a job list").await?.0)
+    }
+
     /// A job as Nomad's JSON, or `None` when Nomad does not know it.
     pub async fn read_job(&self, id: &str) -> Result<Option<Value>, NomadError> {
         let rb = self
@@ -1480,6 +1507,14 @@ mod tests {
             Err(NomadError::BadAddress { .. })
         ));
         assert!(NomadClient::new("http://127.0.0.1:4646/", None).is_ok());
+    }
+
+    #[test]
+    fn decodes_the_recorded_job_list() {
+        let list: Vec<JobListStub> = serde_json::from_str(&sample("jobs.list.response.json")).unwrap();
+        assert_eq!(list[0].id, "example");
+        assert_eq!(list[0].status, "pending");
+        assert!(!list[0].stop);
     }
 
     #[tokio::test]

@@ -27,6 +27,8 @@
 //! | `cm:runtimes` | list | run times (ms) of the last 50 succeeded jobs, newest first |
 //! | `cm:seen` | hash | user → last time (ms) they were heard from |
 //! | `cm:paused` | string | present while dispatching is paused (drain); says why |
+//! | `cm:job:<id>` field `run_error` | | why the current run could not do the job (gpu-task's retryable report); cleared on requeue |
+//! | `cm:health`, `cm:dispatcher:heartbeat` | | see [`crate::health`] |
 //! | `cm:wake` | channel | published on every submit, requeue and resume, so dispatchers wake |
 //! | `cm:stop` | channel | executor refs whose run must be stopped by the dispatcher that runs them |
 //! | `cm:events:<n>` | channel | progress events for user n's open editors; also [`JOB_ENDED_EVENT`] on every end of one of n's jobs |
@@ -85,6 +87,9 @@ pub struct Patch {
     pub error: Option<String>,
     pub executor_ref: Option<String>,
     pub messages: Option<Vec<Value>>,
+    /// Sets the number of runs (a dispatch that never reached the executor
+    /// gives its attempt back).
+    pub attempts: Option<u32>,
 }
 
 /// What a cancel did.
@@ -241,6 +246,11 @@ impl Store {
     pub fn with_limits(mut self, limits: Limits) -> Self {
         self.limits = limits;
         self
+    }
+
+    /// A connection for the modules that own other keys ([`crate::health`]).
+    pub(crate) fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
     }
 
     /// The underlying client, for pub/sub connections.
@@ -491,6 +501,7 @@ return chosen"#
                 fields.push(("dispatched_at", String::new()));
                 fields.push(("started_at", String::new()));
                 fields.push(("executor_ref", String::new()));
+                fields.push(("run_error", String::new()));
             }
             JobState::Succeeded => {
                 fields.push(("finished_at", now));
@@ -504,6 +515,9 @@ return chosen"#
         }
         if let Some(r) = patch.executor_ref {
             fields.push(("executor_ref", r));
+        }
+        if let Some(n) = patch.attempts {
+            fields.push(("attempts", n.to_string()));
         }
         if let Some(m) = patch.messages {
             fields.push(("messages", Value::Array(m).to_string()));
@@ -540,6 +554,48 @@ return chosen"#
         let mut conn = self.conn.clone();
         let _: () = conn.hset(job_key(id), "executor_ref", executor_ref).await?;
         Ok(())
+    }
+
+    /// Takes over a run the executor has for a job Redis says is queued
+    /// (Redis lost the write of its dispatch): marks it running with
+    /// `executor_ref` (its gpu-task may have reported its start already; a
+    /// repeated start is fine), counting `attempt` runs, instead of running
+    /// it again.
+    /// Returns `false` (and changes nothing) when the job is not queued.
+    pub async fn adopt(&self, id: &JobId, executor_ref: &str, attempt: u32) -> Result<bool, QueueError> {
+        let lua = r#"
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'queued' then return 0 end
+local user = redis.call('HGET', KEYS[1], 'user')
+unqueue(ARGV[1], user)
+local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0') or 0
+if tonumber(ARGV[3]) > attempts then attempts = tonumber(ARGV[3]) end
+redis.call('HSET', KEYS[1], 'state', 'running', 'executor_ref', ARGV[2], 'attempts', attempts, 'dispatched_at', ARGV[4], 'started_at', ARGV[4])
+redis.call('SADD', 'cm:inflight', ARGV[1])
+return 1"#;
+        let done: i64 = Script::new(&format!("{UNQUEUE_LUA}{lua}"))
+            .key(job_key(id))
+            .arg(id.to_string())
+            .arg(executor_ref)
+            .arg(attempt)
+            .arg(now_ms())
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(done == 1)
+    }
+
+    /// Notes why the current run of an in-flight job could not do it
+    /// (gpu-task's retryable report, e.g. ComfyUI unreachable), without
+    /// ending it: the dispatcher decides whether it runs again, with this
+    /// reason. Ignored once the job is not in flight.
+    pub async fn note_run_error(&self, id: &JobId, reason: &str) -> Result<(), QueueError> {
+        self.set_if_in_flight(id, "run_error", &one_line(reason)).await
+    }
+
+    /// What [`Store::note_run_error`] noted for the current run, if anything.
+    pub async fn run_error(&self, id: &JobId) -> Result<Option<String>, QueueError> {
+        let v: Option<String> = self.conn.clone().hget(job_key(id), "run_error").await?;
+        Ok(v.filter(|s| !s.is_empty()))
     }
 
     /// Attaches one output file to an in-flight job. The same (node, kind,
@@ -645,12 +701,17 @@ return n"#;
     /// Records the latest progress of a job in flight (`{node, value, max}`),
     /// for the instructor's view. Ignored once the job has ended.
     pub async fn set_progress(&self, id: &JobId, progress: &Value) -> Result<(), QueueError> {
+        self.set_if_in_flight(id, "progress", &progress.to_string()).await
+    }
+
+    /// Sets one field of a job's record, atomically, only while it is in flight.
+    async fn set_if_in_flight(&self, id: &JobId, field: &str, value: &str) -> Result<(), QueueError> {
         let lua = r#"
 local state = redis.call('HGET', KEYS[1], 'state')
-if state == 'dispatched' or state == 'running' then redis.call('HSET', KEYS[1], 'progress', ARGV[1]) end
+if state == 'dispatched' or state == 'running' then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
 return 0"#;
         let _: i64 =
-            Script::new(lua).key(job_key(id)).arg(progress.to_string()).invoke_async(&mut self.conn.clone()).await?;
+            Script::new(lua).key(job_key(id)).arg(field).arg(value).invoke_async(&mut self.conn.clone()).await?;
         Ok(())
     }
 

@@ -546,6 +546,9 @@ pub struct Snapshot {
     pub metrics: Value,
     /// The last jobs that ended, newest first.
     pub recent: Vec<EndedJob>,
+    /// What is down and since when (`dispatcher::health`; Consul is in
+    /// `cluster`): the page's banner.
+    pub health: dispatcher::health::Report,
 }
 
 /// Dispatching state, mode and limits.
@@ -929,7 +932,13 @@ async fn build(state: &AppState, census: Option<Arc<Census>>) -> Result<(Snapsho
             None => self::census(state).await.map(Arc::new),
         }
     };
-    let (live, census, cluster) = tokio::join!(live(state), census_fut, cluster_view(&state.cluster));
+    let nomad = matches!(state.cluster.executor, ExecutorKind::Nomad);
+    let (live, census, cluster, health) = tokio::join!(
+        live(state),
+        census_fut,
+        cluster_view(&state.cluster),
+        dispatcher::health::gather(&state.store, None, nomad)
+    );
     let (live, census) = (live?, census?);
     let participants = participants(state, &census, &live.controls.raised_users).await?;
     let snapshot = Snapshot {
@@ -941,6 +950,7 @@ async fn build(state: &AppState, census: Option<Arc<Census>>) -> Result<(Snapsho
         participants,
         metrics: census.metrics.clone(),
         recent: census.recent.clone(),
+        health,
     };
     Ok((snapshot, census))
 }

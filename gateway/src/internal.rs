@@ -12,6 +12,7 @@ use axum::http::StatusCode;
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use dispatcher::contract::{self, Finished, OutputQuery, WorkflowPayload, INTERNAL_SECRET_HEADER};
+use dispatcher::health::{self, Component};
 use dispatcher::job::{FileRef, Job, JobState};
 use dispatcher::queue::{Patch, QueueError};
 use dispatcher::JobId;
@@ -211,7 +212,8 @@ async fn output(
     }
 }
 
-/// `POST finished`: gpu-task's final report.
+/// `POST finished`: gpu-task's final report. A `retryable` failure does not
+/// end the job: its reason is noted for the dispatcher, which decides.
 async fn finished(
     _: Internal,
     State(state): State<AppState>,
@@ -219,6 +221,24 @@ async fn finished(
     Json(report): Json<Finished>,
 ) -> Result<StatusCode, ApiError> {
     let job = job(&state, &id).await?;
+    // What gpu-task saw of ComfyUI, for `/healthz` and the admin page.
+    let comfyui = match (&report.retryable, report.success) {
+        (_, true) => Some(Ok(())),
+        (true, false) => Some(Err(report.error.clone().unwrap_or_else(|| "unreachable".into()))),
+        _ => None,
+    };
+    if let Some(result) = comfyui {
+        if let Err(e) = health::record(&state.store, Component::Comfyui, result).await {
+            tracing::warn!("cannot record ComfyUI's health: {e}");
+        }
+    }
+    if report.retryable && !report.success && !job.cancel_requested {
+        // Not the job's end: the dispatcher runs it again or fails it, with this reason.
+        let reason = report.error.unwrap_or_else(|| "gpu-task could not do the job".into());
+        tracing::warn!(job = %job.id, "run could not do the job, the dispatcher decides: {reason}");
+        state.store.note_run_error(&job.id, &reason).await?;
+        return Ok(StatusCode::NO_CONTENT);
+    }
     let mut messages = report.messages;
     for m in &mut messages {
         if let Some(pair) = m.as_array_mut() {

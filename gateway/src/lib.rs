@@ -64,11 +64,22 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Liveness and what the gateway depends on: 200 when Redis answers.
+/// What is up and what is down (`dispatcher::health`): 200 while the
+/// gateway can take submits (Redis answers), 503 when it cannot.
+///
+/// `{"ok", "redis", "components": {name: {status, since?, error?}}, "problems": [sentence]}`
 async fn healthz(axum::extract::State(state): axum::extract::State<AppState>) -> axum::response::Response {
     use axum::response::IntoResponse;
-    let redis = state.store.ping().await;
-    let body = axum::Json(serde_json::json!({ "ok": redis, "redis": redis }));
+    use dispatcher::health::{gather, Component, Status};
+    let nomad = matches!(state.cluster.executor, dispatcher::config::ExecutorKind::Nomad);
+    let report = gather(&state.store, state.cluster.consul.as_ref(), nomad).await;
+    let redis = report.status(Component::Redis) == Status::Up;
+    let body = axum::Json(serde_json::json!({
+        "ok": redis,
+        "redis": redis,
+        "components": report.components,
+        "problems": report.problems(),
+    }));
     if redis {
         body.into_response()
     } else {

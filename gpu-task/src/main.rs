@@ -29,6 +29,9 @@
 //! - `0`: the prompt succeeded, every output was uploaded, the gateway knows.
 //! - `1`: the job failed and the gateway was told why.
 //! - `2`: the environment is unusable, or the gateway could not be told.
+//! - `3`: this run could not do the job (ComfyUI not found, unreachable or
+//!   silent) and the gateway was told why; the dispatcher runs it again (up
+//!   to `max_attempts`) or fails it with that reason.
 //! - `143` / `130`: stopped by SIGTERM / SIGINT (its prompt interrupted in
 //!   ComfyUI, the gateway told best-effort).
 //!
@@ -45,6 +48,7 @@ mod run;
 mod socket;
 mod stop;
 
+use std::io::Write as _;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -80,7 +84,8 @@ fn main() -> ExitCode {
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(exit) => {
-            eprintln!("{}", exit.line);
+            // stderr may be gone (a killed dispatcher's pipe): not a reason to panic.
+            let _ = writeln!(std::io::stderr(), "{}", exit.line);
             ExitCode::from(exit.code)
         }
     }

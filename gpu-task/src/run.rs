@@ -73,6 +73,19 @@ pub enum Failure {
     Stopped(&'static str),
 }
 
+impl Failure {
+    /// Whether the failure is this run's, not the workflow's: ComfyUI could
+    /// not be found or reached, or went silent. Another run may succeed, so
+    /// the job is not failed; the dispatcher decides ([`EXIT_RETRY`]).
+    pub fn retryable(&self) -> bool {
+        match self {
+            Failure::Discover(_) | Failure::Lost { .. } => true,
+            Failure::Comfy(e) => e.is_transient(),
+            _ => false,
+        }
+    }
+}
+
 /// How gpu-task ends when not successful: exit code and the one line for stderr.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Exit {
@@ -84,6 +97,10 @@ pub struct Exit {
 pub const EXIT_FAILED: u8 = 1;
 /// Exit code: the failure could not be reported (or the environment is unusable).
 pub const EXIT_UNREPORTED: u8 = 2;
+/// Exit code: this run could not do the job (ComfyUI unreachable) and the
+/// gateway was told why; the job stays in flight for the dispatcher to run
+/// again or fail.
+pub const EXIT_RETRY: u8 = 3;
 
 /// The exit code after a stop by `signal`: 128 + its number, as a shell would show.
 fn stop_code(signal: &str) -> u8 {
@@ -108,6 +125,7 @@ pub fn exit_for(result: &Result<(), Failure>, report: Result<(), &GatewayError>)
             };
             let code = match (f, report) {
                 (Failure::Stopped(sig), _) => stop_code(sig),
+                (f, Ok(())) if f.retryable() => EXIT_RETRY,
                 (_, Ok(())) => EXIT_FAILED,
                 (_, Err(_)) => EXIT_UNREPORTED,
             };
@@ -139,6 +157,7 @@ pub async fn run(env: TaskEnv, mut stop: Stop) -> Result<(), Exit> {
         success: result.is_ok(),
         error: result.as_ref().err().map(|f| history::one_line(&f.to_string())),
         messages,
+        retryable: result.as_ref().err().is_some_and(Failure::retryable),
     };
     // After a stop, Nomad's kill_timeout is running; and a gateway that was
     // just unreachable for half a minute will hardly be back: report briefly.
@@ -652,6 +671,11 @@ mod tests {
 
         assert_eq!(exit_for(&Err(Failure::Stopped("SIGTERM")), Ok(())).unwrap_err().code, 143);
         assert_eq!(exit_for(&Err(Failure::Stopped("SIGINT")), Err(&gw_down())).unwrap_err().code, 130);
+
+        let down = Failure::Comfy(ComfyError::Unreachable { url: "u".into(), reason: "refused".into(), connect: true });
+        assert!(down.retryable());
+        assert_eq!(exit_for(&Err(down), Ok(())).unwrap_err().code, EXIT_RETRY);
+        assert!(!Failure::Execution("KSampler (node 3): oom".into()).retryable());
 
         let multi = Failure::Unknown("two\nlines".into());
         assert_eq!(exit_for(&Err(multi), Ok(())).unwrap_err().line, "two lines");

@@ -251,10 +251,11 @@ async fn unreachable_comfyui_fails_fast_with_the_reason() {
     let (code, stderr) = finish(child).await;
     let took = started.elapsed();
 
-    assert_eq!(code, Some(1), "stderr:\n{stderr}");
+    assert_eq!(code, Some(3), "a retryable failure: stderr:\n{stderr}");
     let expected = format!("cannot reach ComfyUI at {comfy_url}: ");
     let report = finished(&gw.calls());
     assert!(!report.success);
+    assert!(report.retryable, "not the workflow's fault: another run may succeed");
     assert!(report.error.as_deref().unwrap_or("").starts_with(&expected), "{report:?}");
     assert!(last_line(&stderr).starts_with(&expected), "stderr:\n{stderr}");
     assert!(took < Duration::from_secs(15), "took {took:?} to give up");
@@ -273,6 +274,7 @@ async fn a_rejected_prompt_fails_with_comfyuis_message() {
     let (code, stderr) = finish(child).await;
     assert_eq!(code, Some(1), "stderr:\n{stderr}");
     let report = finished(&gw.calls());
+    assert!(!report.retryable, "a refused workflow would be refused again");
     assert!(!report.success);
     let error = report.error.unwrap_or_default();
     assert!(error.starts_with("ComfyUI rejected the workflow: "), "{error}");

@@ -301,3 +301,84 @@ impl Stack {
     }
 }
 
+
+/// Killing and restarting the stack's services, for the failure tests.
+impl Stack {
+    /// The guard of the service `name` started last (`gateway`, `dispatcher`, `nomad-standin`).
+    fn service(&mut self, name: &str) -> &mut ChildGuard {
+        self._processes.iter_mut().rev().find(|p| p.name() == name).unwrap_or_else(|| panic!("no {name} in the stack"))
+    }
+
+    /// SIGKILLs the service `name` alone, not its process group: a local
+    /// gpu-task outlives its dispatcher as a Nomad allocation would. Returns
+    /// once it is gone. The old guard stays, so the stack still cleans up.
+    pub async fn kill_service(&mut self, name: &str) {
+        let guard = self.service(name);
+        let pid = nix::unistd::Pid::from_raw(guard.pid() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        let _ = tokio::time::timeout(Duration::from_secs(10), guard.child_mut().wait()).await;
+    }
+
+    fn service_command(&self, bin: &str) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(bin_path(bin));
+        cmd.envs(self.dispatcher_env.iter().map(|(k, v)| (k, v)))
+            .env_remove("GATEWAY_URL")
+            .env_remove("NOMAD_TOKEN")
+            .env_remove("COMFY_MULTI_CONFIG");
+        cmd
+    }
+
+    /// Starts `dispatcher run` with the stack's environment plus `extra`.
+    pub fn start_dispatcher(&mut self, extra: &[(&str, &str)]) {
+        let mut cmd = self.service_command("dispatcher");
+        cmd.arg("run").envs(extra.iter().copied());
+        self._processes.push(spawn_logged(cmd, "dispatcher"));
+    }
+
+    /// SIGKILLs the gateway and starts it again on the same port, data dir
+    /// and Redis; returns once it is healthy.
+    pub async fn restart_gateway(&mut self) {
+        self.kill_service("gateway").await;
+        let listen = self.gateway_url.trim_start_matches("http://").to_string();
+        let mut cmd = self.service_command("gateway");
+        cmd.arg("serve").env("GATEWAY_LISTEN", listen);
+        self._processes.push(spawn_logged(cmd, "gateway"));
+        wait_healthy(&self.gateway_url).await;
+    }
+
+    /// The admin page's snapshot (`GET /admin/api/snapshot`).
+    pub async fn admin_snapshot(&self) -> Value {
+        let req = reqwest::Client::new().get(format!("{}/admin/api/snapshot", self.gateway_url));
+        let res = req.bearer_auth(ADMIN_TOKEN).send().await.unwrap();
+        res.error_for_status().unwrap().json().await.unwrap()
+    }
+
+    /// Starts the Nomad stand-in again on its old address (after
+    /// [`Stack::kill_service`]`("nomad-standin")`), with the workflow job
+    /// registered again (a new stand-in knows nothing).
+    pub async fn restart_nomad_standin(&mut self) {
+        let url = self.nomad_url.clone().expect("a stack with the Nomad stand-in");
+        let mut cmd = self.service_command("nomad-standin");
+        cmd.args(["--listen", url.trim_start_matches("http://"), "--gpus", "1", "--data-dir"])
+            .arg(self._dir.path().join("nomad-again"));
+        let (guard, _) = start_listening(cmd, "nomad-standin").await;
+        self._processes.push(guard);
+        register_job(&url, &["gpu_count=1", "node_pool=default"]).await;
+    }
+
+    /// The ComfyUI stand-in's address, when the stack started one.
+    pub fn comfyui_url(&self) -> Option<String> {
+        self._comfy.as_ref().map(|c| c.url.clone())
+    }
+}
+
+/// Waits (up to 30 s) until the gateway at `url` answers `/healthz` with a success.
+pub async fn wait_healthy(url: &str) {
+    let health = format!("{url}/healthz");
+    wait_until("the gateway to be healthy", Duration::from_secs(30), || {
+        let health = health.clone();
+        async move { reqwest::get(health).await.ok().filter(|r| r.status().is_success()) }
+    })
+    .await
+    .unwrap();
+}

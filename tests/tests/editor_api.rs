@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use comfy_multi_tests::comfyui::json::Json;
 use comfy_multi_tests::comfyui::{model_free_workflow, ComfyUi, Options};
-use comfy_multi_tests::harness::{bin_path, cache_dir, free_port, spawn_logged, wait_until, ChildGuard, Redis};
+use comfy_multi_tests::harness::{bin_path, cache_dir, free_port, spawn_logged, ChildGuard, Redis};
 use comfy_multi_tests::stack::{stack, Executor, Stack};
 use reqwest::header::{ACCEPT_ENCODING, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_TYPE, LOCATION, SET_COOKIE};
 use reqwest::StatusCode;
@@ -173,13 +173,7 @@ impl Gateway {
             .env_remove("NOMAD_TOKEN");
         self.process = Some(spawn_logged(cmd, "gateway"));
         self.url = format!("http://127.0.0.1:{port}");
-        let health = format!("{}/healthz", self.url);
-        wait_until("the gateway to be healthy", Duration::from_secs(30), || {
-            let health = health.clone();
-            async move { reqwest::get(health).await.ok().filter(|r| r.status().is_success()) }
-        })
-        .await
-        .unwrap();
+        comfy_multi_tests::stack::wait_healthy(&self.url).await;
     }
 
     /// Stops the gateway (SIGKILL: nothing gets a chance to flush) and starts it again.

@@ -13,7 +13,8 @@
 use async_trait::async_trait;
 
 use crate::contract::{WorkflowPayload, NOMAD_PAYLOAD_LIMIT};
-use crate::job::Job;
+use crate::health::Component;
+use crate::job::{Job, JobId};
 
 pub mod local;
 pub mod nomad;
@@ -40,6 +41,24 @@ pub enum Outcome {
     Lost { reason: String },
 }
 
+/// A run the executor has that is not over (pending or running, and not
+/// being stopped), whoever started it: what reconciliation compares with
+/// the jobs Redis says are in flight.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Run {
+    /// As in [`Started::executor_ref`].
+    pub executor_ref: String,
+    /// The comfy-multi job it runs (dispatch meta `job_id`).
+    pub job_id: JobId,
+    /// Which attempt of the job it is, from its [`dispatch_token`], when known.
+    pub attempt: Option<u32>,
+}
+
+/// The attempt in a [`dispatch_token`] (`<job id>.<attempt>`).
+pub fn attempt_of_token(token: &str) -> Option<u32> {
+    token.rsplit_once('.')?.1.parse().ok()
+}
+
 /// Why an executor could not do what was asked.
 #[derive(Debug, thiserror::Error)]
 pub enum ExecutorError {
@@ -63,6 +82,14 @@ pub trait Executor: Send + Sync {
     /// Stops a started job (cancel, drain deadline): gpu-task gets SIGTERM and
     /// time to interrupt its prompt.
     async fn stop(&self, executor_ref: &str) -> Result<(), ExecutorError>;
+    /// Every run not over yet ([`Run`]), including those an earlier
+    /// dispatcher started.
+    async fn runs(&self) -> Result<Vec<Run>, ExecutorError>;
+    /// The remote service this executor depends on, whose health
+    /// ([`crate::health`]) its errors tell; `None` for the local executor.
+    fn remote(&self) -> Option<Component> {
+        None
+    }
 }
 
 /// The payload bytes for `job`, or `None` when they exceed Nomad's limit and

@@ -9,8 +9,10 @@
 
 use async_trait::async_trait;
 
-use super::{meta_for, payload_for, Executor, ExecutorError, Outcome, Started};
+use super::{attempt_of_token, meta_for, payload_for, Executor, ExecutorError, Outcome, Run, Started};
 use crate::config::NomadConfig;
+use crate::contract::META_JOB_ID;
+use crate::health::Component;
 use crate::job::Job;
 use crate::nomad::{NomadClient, NomadError, TerminalStatus};
 
@@ -119,6 +121,31 @@ impl Executor for NomadExecutor {
                 "cannot stop {executor_ref}: {e}"
             ))),
         }
+    }
+
+    /// The children of the parameterized job that are pending or running
+    /// and not being stopped, each read once for its meta `job_id` and
+    /// idempotency token (the job list carries neither).
+    async fn runs(&self) -> Result<Vec<Run>, ExecutorError> {
+        let unavailable = |e: NomadError| ExecutorError::Unavailable(format!("cannot list the runs: {e}"));
+        let prefix = format!("{}/dispatch-", self.job);
+        let stubs = self.client.list_jobs(&prefix).await.map_err(unavailable)?;
+        let mut runs = Vec::new();
+        for stub in stubs.into_iter().filter(|s| s.status != "dead" && !s.stop && s.parent_id == self.job) {
+            let Some(job) = self.client.read_job(&stub.id).await.map_err(unavailable)? else { continue };
+            let meta = |key: &str| job.pointer(&format!("/Meta/{key}")).and_then(serde_json::Value::as_str);
+            let Some(job_id) = meta(META_JOB_ID).and_then(|id| id.parse().ok()) else {
+                tracing::warn!(child = %stub.id, "a child of {} without a valid meta job_id", self.job);
+                continue;
+            };
+            let token = job.get("DispatchIdempotencyToken").and_then(serde_json::Value::as_str).unwrap_or_default();
+            runs.push(Run { executor_ref: stub.id, job_id, attempt: attempt_of_token(token) });
+        }
+        Ok(runs)
+    }
+
+    fn remote(&self) -> Option<Component> {
+        Some(Component::Nomad)
     }
 }
 

@@ -270,8 +270,27 @@
     }
   }
 
+  // What is down, and since when (dispatcher::health, and Consul as the gateway sees it).
+  const TITLES = { redis: 'Redis', nomad: 'Nomad', consul: 'Consul', comfyui: 'ComfyUI', dispatcher: 'The dispatcher' };
+  function renderHealth(s) {
+    const lines = [];
+    const components = (s.health && s.health.components) || {};
+    for (const [name, o] of Object.entries(components)) {
+      if (!o || o.status !== 'down') continue;
+      const since = o.since ? ` since ${new Date(o.since).toLocaleTimeString()}` : '';
+      const what = name === 'dispatcher' ? 'not running' : 'unreachable';
+      lines.push(`${TITLES[name] || name} ${what}${since}${o.error ? ` — ${o.error}` : ''}`);
+    }
+    if (s.cluster && s.cluster.consul_reachable === false && !components.consul) lines.push('Consul unreachable');
+    const el = $('#health-banner');
+    const text = lines.join('\n');
+    if (el.textContent !== text) el.textContent = text;
+    el.hidden = !text;
+  }
+
   function render(s) {
     snap = s;
+    renderHealth(s);
     renderHeader(s);
     renderMetrics(s);
     renderRunning(s);
