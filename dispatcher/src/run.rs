@@ -63,7 +63,7 @@ impl Dispatcher {
             if let Some(job) = self.store.get(&id).await? {
                 tracing::info!(job = %id, state = %job.state, "following a job left in flight");
                 let (store, executor, max) = (self.store.clone(), self.executor.clone(), self.max_attempts);
-                tasks.spawn(async move { resume(store, executor, job, max).await });
+                tasks.spawn(tracing::Instrument::instrument(resume(store, executor, job.clone(), max), crate::job_span!(job.id, job.user)));
             }
         }
 
@@ -72,9 +72,10 @@ impl Dispatcher {
                 while tasks.len() < self.slots {
                     match self.store.pop_next().await {
                         Ok(Some(job)) => {
-                            tracing::info!(job = %job.id, user = job.user, "dispatching");
+                            crate::metrics::dispatched();
+                            crate::job_span!(job.id, job.user).in_scope(|| tracing::info!("dispatching"));
                             let (store, executor, max) = (self.store.clone(), self.executor.clone(), self.max_attempts);
-                            tasks.spawn(async move { handle(store, executor, job, max).await });
+                            tasks.spawn(tracing::Instrument::instrument(handle(store, executor, job.clone(), max), crate::job_span!(job.id, job.user)));
                         }
                         Ok(None) => break,
                         Err(e) => {
@@ -85,6 +86,7 @@ impl Dispatcher {
                     }
                 }
             }
+            crate::metrics::set_in_flight(tasks.len());
             let pause = backoff.unwrap_or(Duration::from_secs(2));
             tokio::select! {
                 _ = &mut shutdown => break,

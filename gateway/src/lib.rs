@@ -24,6 +24,9 @@
 //!   instructor's pre-loaded workflows.
 //! - [`ws`]: the editor's websocket (`/user/{n}/ws`): ComfyUI's protocol,
 //!   each participant's own progress, fanned out from one Redis subscription.
+//! - [`tls`]: HTTPS with the workshop's certificate: checked at start,
+//!   reloaded on SIGHUP or a file change, and the HTTP-to-HTTPS redirect.
+//! - [`metrics`]: `GET /metrics` (Prometheus), for the admin token.
 //! - [`admin`]: the instructor's admin page (`/admin/`), its live websocket
 //!   and its actions (`/admin/api/...`).
 
@@ -36,9 +39,11 @@ pub mod error;
 pub mod files;
 pub mod internal;
 pub mod login;
+pub mod metrics;
 pub mod secrets;
 pub mod session;
 pub mod state;
+pub mod tls;
 pub mod userdata;
 pub mod validate;
 pub mod ws;
@@ -60,6 +65,7 @@ pub fn app(state: AppState) -> Router {
         .merge(internal::routes(&state))
         .merge(login::routes())
         .merge(admin::routes())
+        .merge(metrics::routes())
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }
