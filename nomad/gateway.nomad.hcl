@@ -18,8 +18,17 @@
 # TLS: the gateway terminates TLS itself (GATEWAY_TLS_CERT / GATEWAY_TLS_KEY).
 # The certificate and key already exist on the host (e.g. copied there by a
 # certbot deploy hook) in the directory of the `comfy-tls` host volume
-# (client-control.hcl), mounted read-only at /tls. Renewals: replace the files,
-# then `nomad job restart gateway`.
+# (client-control.hcl), mounted read-only at /tls. The gateway checks the
+# pair before it serves (a bad file or a key that does not match stops the
+# start, naming the file: `nomad alloc logs -stderr -job gateway`).
+# Renewals: replace the two files on the host; the gateway watches them and
+# serves the new certificate to new connections without a restart (open
+# websockets stay). A renewal that does not load is logged and the old
+# certificate kept. `nomad alloc signal -s SIGHUP <alloc id>` reloads too.
+#
+# Metrics: GET https://<public_host>/metrics (Prometheus text) with
+# `Authorization: Bearer <admin token>`. Logs: stderr, JSON lines with
+# log_format = "json" (`nomad alloc logs -stderr -job gateway | grep <job id>`).
 #
 # gpu-task finds the gateway through Consul service `comfy-gateway`. The
 # instance is registered under public_host (the name in the certificate) with
@@ -108,6 +117,12 @@ variable "log_filter" {
   description = "RUST_LOG filter for the gateway's logs (stderr, `nomad alloc logs -stderr`)."
 }
 
+variable "log_format" {
+  type        = string
+  default     = "text"
+  description = "LOG_FORMAT: \"json\" for one JSON object per log line (with job_id and user_id on a job's lines), anything else for human-readable lines."
+}
+
 variable "cpu" {
   type        = number
   default     = 500
@@ -184,6 +199,7 @@ job "gateway" {
         NOMAD_ADDR       = var.nomad_addr
         CONSUL_HTTP_ADDR = var.consul_addr
         RUST_LOG         = var.log_filter
+        LOG_FORMAT       = var.log_format
       }
 
       # ADMIN_TOKEN and INTERNAL_SECRET from the Nomad variable only. Until

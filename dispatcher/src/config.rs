@@ -97,6 +97,10 @@ pub struct GatewayConfig {
     pub tls_cert: Option<PathBuf>,
     /// `GATEWAY_TLS_KEY`: PEM private key of `tls_cert`.
     pub tls_key: Option<PathBuf>,
+    /// `GATEWAY_REDIRECT_ADDR`: with HTTPS, a second address (e.g.
+    /// `0.0.0.0:80`) where plain HTTP is answered with a redirect to HTTPS.
+    /// None by default.
+    pub redirect_addr: Option<String>,
     /// `SESSION_HOURS`: how long a login (session cookie) lasts; fractions
     /// are fine (`0.5` is 30 minutes).
     pub session_hours: f64,
@@ -134,6 +138,10 @@ pub struct DispatcherConfig {
     /// `RECONCILE_SECONDS`: how often the dispatcher compares the jobs Redis
     /// has in flight with the executor's runs (also once at start).
     pub reconcile_seconds: u64,
+    /// `DISPATCHER_METRICS_ADDR`: where `dispatcher run` serves Prometheus
+    /// `/metrics` (unauthenticated: bind it to loopback or a private
+    /// address). None (off) by default.
+    pub metrics_addr: Option<String>,
 }
 
 /// How to reach Nomad.
@@ -186,6 +194,7 @@ impl Default for GatewayConfig {
             internal_secret: None,
             tls_cert: None,
             tls_key: None,
+            redirect_addr: None,
             session_hours: 12.0,
             admin_password: None,
             frontend_dir: None,
@@ -204,6 +213,7 @@ impl Default for DispatcherConfig {
             work_dir: None,
             max_attempts: 3,
             reconcile_seconds: 15,
+            metrics_addr: None,
         }
     }
 }
@@ -294,6 +304,12 @@ impl Config {
         if let Some(v) = get("GATEWAY_TLS_KEY") {
             self.gateway.tls_key = Some(v.into());
         }
+        if let Some(v) = get("GATEWAY_REDIRECT_ADDR") {
+            self.gateway.redirect_addr = Some(v).filter(|v| !v.is_empty());
+        }
+        if let Some(v) = get("DISPATCHER_METRICS_ADDR") {
+            self.dispatcher.metrics_addr = Some(v).filter(|v| !v.is_empty());
+        }
         if let Some(v) = get("SESSION_HOURS") {
             self.gateway.session_hours = parse("SESSION_HOURS", v)?;
         }
@@ -324,6 +340,13 @@ impl Config {
                 var: "GATEWAY_TLS_CERT",
                 value: format!("{:?} / GATEWAY_TLS_KEY={:?}", self.gateway.tls_cert, self.gateway.tls_key),
                 why: "HTTPS needs both the certificate and its key (or neither, for plain HTTP)".into(),
+            });
+        }
+        if self.gateway.redirect_addr.is_some() && self.gateway.tls_cert.is_none() {
+            return Err(ConfigError::Env {
+                var: "GATEWAY_REDIRECT_ADDR",
+                value: self.gateway.redirect_addr.clone().unwrap_or_default(),
+                why: "the HTTP-to-HTTPS redirect needs HTTPS (GATEWAY_TLS_CERT and GATEWAY_TLS_KEY)".into(),
             });
         }
         if let Some(v) = get("QUEUE_MODE") {
@@ -501,5 +524,24 @@ mod tests {
         let err = c.apply_env(|k| (k == "EXECUTOR").then(|| "k8s".to_string())).unwrap_err();
         assert!(err.to_string().contains("EXECUTOR"), "{err}");
         assert!(hcl::from_str::<Config>("slotz = 3").is_err());
+    }
+
+    #[test]
+    fn observability_settings() {
+        let c = Config::default();
+        assert_eq!((c.gateway.redirect_addr, c.dispatcher.metrics_addr), (None, None), "both off by default");
+        let c: Config = hcl::from_str(
+            "gateway {\n tls_cert = \"/tls/fullchain.pem\"\n tls_key = \"/tls/privkey.pem\"\n redirect_addr = \"0.0.0.0:80\"\n}\n\
+             dispatcher {\n metrics_addr = \"127.0.0.1:9464\"\n}\n",
+        )
+        .unwrap();
+        assert_eq!(c.gateway.redirect_addr.as_deref(), Some("0.0.0.0:80"));
+        assert_eq!(c.dispatcher.metrics_addr.as_deref(), Some("127.0.0.1:9464"));
+        let mut off = c.clone();
+        off.apply_env(|k| (k == "DISPATCHER_METRICS_ADDR").then(String::new)).unwrap();
+        assert_eq!(off.dispatcher.metrics_addr, None, "an empty value turns it off");
+        let mut c = Config::default();
+        let err = c.apply_env(|k| (k == "GATEWAY_REDIRECT_ADDR").then(|| "0.0.0.0:80".into())).unwrap_err();
+        assert!(err.to_string().contains("GATEWAY_REDIRECT_ADDR") && err.to_string().contains("HTTPS"), "{err}");
     }
 }

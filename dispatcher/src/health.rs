@@ -122,10 +122,10 @@ pub struct Observation {
 }
 
 impl Observation {
-    fn unknown(why: &str) -> Observation {
+    pub(crate) fn unknown(why: &str) -> Observation {
         Observation { status: Status::Unknown, since: None, observed: None, error: Some(why.into()) }
     }
-    fn now(result: Result<(), String>) -> Observation {
+    pub(crate) fn now(result: Result<(), String>) -> Observation {
         let now = now_ms();
         match result {
             Ok(()) => Observation { status: Status::Up, since: Some(now), observed: Some(now), error: None },

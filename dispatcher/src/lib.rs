@@ -27,6 +27,8 @@
 //! - [`estimate`]: queue positions and estimated waits.
 //! - [`report`]: the post-workshop report (waits, run times, peak
 //!   participants, failures, GPU busy), as JSON or CSV.
+//! - [`metrics`]: the Prometheus metrics every process exposes (names,
+//!   counters, the dispatcher's `/metrics` listener).
 //! - [`run`]: the dispatch loop: keep at most `slots` jobs in flight, follow
 //!   each to its end, and make sure every job ends in a terminal state.
 
@@ -38,6 +40,7 @@ pub mod estimate;
 pub mod executor;
 pub mod health;
 pub mod job;
+pub mod metrics;
 pub mod nomad;
 pub mod policy;
 pub mod queue;
@@ -46,20 +49,35 @@ pub mod run;
 
 pub use job::{Job, JobId, JobState};
 
-/// Logs to stderr through `tracing`; `RUST_LOG` filters (default `info`).
-/// Every comfy-multi binary calls this first.
+/// Logs to stderr through `tracing`; `RUST_LOG` filters (default `info`);
+/// `LOG_FORMAT=json` writes one JSON object per line (with the fields of the
+/// spans it is in, e.g. a job's `job_id` and `user_id`), anything else the
+/// human-readable format. Every comfy-multi binary calls this first.
 pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(ansi)
         // A closed stderr (gpu-task whose dispatcher was killed) must not
         // turn every log line into a panic.
-        .log_internal_errors(false)
-        .try_init();
+        .log_internal_errors(false);
+    let _ = if std::env::var("LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
+        builder.json().try_init()
+    } else {
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        builder.with_ansi(ansi).try_init()
+    };
+}
+
+/// The span every log line about one job is in: `job_id` and `user_id`, in
+/// the gateway, the dispatcher and gpu-task alike, so `grep <job id>` over
+/// their logs tells the job's whole story.
+#[macro_export]
+macro_rules! job_span {
+    ($job_id:expr, $user_id:expr) => {
+        ::tracing::info_span!("job", job_id = %$job_id, user_id = %$user_id)
+    };
 }
 
 /// Completes on SIGINT or SIGTERM: how every long-running comfy-multi

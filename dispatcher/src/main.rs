@@ -108,6 +108,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     Arc::new(NomadExecutor::new(client, config.nomad.job.clone()))
                 }
             };
+            if let Some(addr) = &config.dispatcher.metrics_addr {
+                metrics_listener(addr).await?;
+            }
             tracing::info!(
                 executor = ?config.dispatcher.executor,
                 slots = config.dispatcher.slots,
@@ -180,6 +183,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Serves Prometheus `/metrics` on `addr` in the background
+/// (`dispatcher.metrics_addr`); a bad or taken address stops the start.
+async fn metrics_listener(addr: &str) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on DISPATCHER_METRICS_ADDR={addr} for /metrics"))?;
+    let local = listener.local_addr()?;
+    dispatcher::metrics::install();
+    tracing::info!(addr = %local, "serving Prometheus metrics at /metrics");
+    tokio::spawn(async move {
+        if let Err(e) = dispatcher::metrics::serve(listener, dispatcher::shutdown_signal()).await {
+            tracing::warn!("the metrics listener stopped: {e}");
+        }
+    });
+    Ok(())
 }
 
 /// How long Nomad gets to move what is left (the warm ComfyUI) off a drained node.

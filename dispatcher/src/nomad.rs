@@ -733,11 +733,12 @@ impl NomadClient {
 
     /// Sends, and turns a non-2xx answer into [`NomadError::Status`].
     async fn send(&self, rb: reqwest::RequestBuilder) -> Result<reqwest::Response, NomadError> {
-        let resp = rb.send().await.map_err(|e| self.unreachable(e))?;
+        let resp = rb.send().await.map_err(|e| self.unreachable(e)).inspect_err(|_| crate::metrics::nomad_error(None))?;
         let status = resp.status();
         if status.is_success() {
             return Ok(resp);
         }
+        crate::metrics::nomad_error(Some(status.as_u16()));
         let body = resp.text().await.unwrap_or_default();
         Err(NomadError::Status {
             status: status.as_u16(),
@@ -1526,9 +1527,15 @@ mod tests {
             .unwrap()
             .port();
         let c = NomadClient::new(&format!("http://127.0.0.1:{port}"), None).unwrap();
+        let unreachable = r#"comfy_multi_nomad_api_errors_total{kind="unreachable"}"#;
+        let count = |text: String| {
+            text.lines().find_map(|l| l.strip_prefix(unreachable)?.trim().parse::<f64>().ok()).unwrap_or(0.0)
+        };
+        let before = count(crate::metrics::render());
         let e = c.nodes().await.unwrap_err();
         assert!(e.is_transient());
         assert!(e.to_string().contains("NOMAD_ADDR"), "{e}");
+        assert!(count(crate::metrics::render()) > before, "counted in the metrics");
     }
 
     #[test]

@@ -42,6 +42,12 @@ use serde_json::Value;
 use crate::job::{now_ms, FileRef, Job, JobId, JobState, Outputs};
 use crate::policy::{Limits, Mode, FRONT_TIER, PLAN_LUA};
 
+/// Lua returning the table `counts` (key → number) as a flat array of pairs.
+const RETURN_COUNTS: &str = "
+local out = {}
+for k, n in pairs(counts) do out[#out + 1] = k; out[#out + 1] = n end
+return out
+";
 /// Channel dispatchers subscribe to, to learn of new work at once.
 pub const WAKE_CHANNEL: &str = "cm:wake";
 /// Channel of executor refs whose run must be stopped (drain, cancel).
@@ -659,6 +665,37 @@ return n"#;
     /// Number of queued jobs.
     pub async fn queued_count(&self) -> Result<u64, QueueError> {
         Ok(self.conn.clone().zcard(QUEUE).await?)
+    }
+
+    /// How many jobs are in each state (states with none are absent).
+    pub async fn count_by_state(&self) -> Result<std::collections::HashMap<JobState, u64>, QueueError> {
+        let lua = r#"
+local counts = {}
+for _, id in ipairs(redis.call('ZRANGE', 'cm:jobs', 0, -1)) do
+  local s = redis.call('HGET', 'cm:job:' .. id, 'state')
+  if s then counts[s] = (counts[s] or 0) + 1 end
+end
+"#;
+        let flat: Vec<(String, u64)> = Script::new(&format!("{lua}{RETURN_COUNTS}")).invoke_async(&mut self.conn.clone()).await?;
+        Ok(flat.into_iter().filter_map(|(s, n)| Some((s.parse::<JobState>().ok()?, n))).collect())
+    }
+
+    /// Queued jobs per priority tier (a job's tier is the higher of its own
+    /// and its user's, as [`crate::policy`] orders them).
+    pub async fn queued_by_tier(&self) -> Result<BTreeMap<i64, u64>, QueueError> {
+        let lua = r#"
+local counts = {}
+for _, id in ipairs(redis.call('ZRANGE', 'cm:queue', 0, -1)) do
+  local key = 'cm:job:' .. id
+  local tier = tonumber(redis.call('HGET', key, 'priority') or '0') or 0
+  local u = redis.call('HGET', key, 'user')
+  local user_tier = u and tonumber(redis.call('HGET', 'cm:user_priority', u) or '0') or 0
+  if user_tier > tier then tier = user_tier end
+  counts[tier] = (counts[tier] or 0) + 1
+end
+"#;
+        let flat: Vec<(i64, u64)> = Script::new(&format!("{lua}{RETURN_COUNTS}")).invoke_async(&mut self.conn.clone()).await?;
+        Ok(flat.into_iter().collect())
     }
 
     /// Ids of the jobs that are dispatched or running.

@@ -145,13 +145,18 @@ impl Dispatcher {
                 while tasks.len() < self.slots {
                     match self.store.pop_next().await {
                         Ok(Some(job)) => {
-                            tracing::info!(job = %job.id, user = job.user, "dispatching");
+                            crate::metrics::dispatched();
+                            let span = crate::job_span!(job.id, job.user);
+                            span.in_scope(|| tracing::info!("dispatching"));
                             let guard = self.followed.claim(job.id);
                             let (store, executor, max) = (self.store.clone(), self.executor.clone(), self.max_attempts);
-                            tasks.spawn(async move {
-                                let _guard = guard;
-                                handle(store, executor, job, max).await
-                            });
+                            tasks.spawn(tracing::Instrument::instrument(
+                                async move {
+                                    let _guard = guard;
+                                    handle(store, executor, job, max).await
+                                },
+                                span,
+                            ));
                         }
                         Ok(None) => break,
                         Err(e) => {
@@ -162,6 +167,7 @@ impl Dispatcher {
                     }
                 }
             }
+            crate::metrics::set_in_flight(tasks.len());
             let pause = backoff.unwrap_or(Duration::from_secs(2));
             tokio::select! {
                 _ = &mut shutdown => break,
@@ -204,10 +210,14 @@ impl Dispatcher {
     fn spawn_resume(&self, tasks: &mut JoinSet<Handled>, job: Job) {
         let Some(guard) = self.followed.claim(job.id) else { return };
         let (store, executor, max) = (self.store.clone(), self.executor.clone(), self.max_attempts);
-        tasks.spawn(async move {
-            let _guard = guard;
-            resume(store, executor, job, max).await
-        });
+        let span = crate::job_span!(job.id, job.user);
+        tasks.spawn(tracing::Instrument::instrument(
+            async move {
+                let _guard = guard;
+                resume(store, executor, job, max).await
+            },
+            span,
+        ));
     }
 
     /// One reconciliation pass (see the module doc).

@@ -1133,13 +1133,14 @@ async fn websocket(
 }
 
 async fn serve_socket(mut socket: WebSocket, state: AppState, headers: HeaderMap) {
+    let _open = dispatcher::metrics::OpenSocket::new("admin");
     let mut rx = hub_receiver(&state);
     let first = match snapshot(&state).await {
         Ok(s) => serde_json::to_string(&s).unwrap_or_else(|e| error_json(&ApiError::Internal(e.to_string()))),
         Err(e) => error_json(&e),
     };
     rx.mark_unchanged();
-    if socket.send(Message::Text(first.into())).await.is_err() {
+    if !crate::ws::send_counted(&mut socket, Message::Text(first.into()), "admin").await {
         return;
     }
     let mut reauth = tokio::time::interval_at(tokio::time::Instant::now() + REAUTH_EVERY, REAUTH_EVERY);
@@ -1151,7 +1152,7 @@ async fn serve_socket(mut socket: WebSocket, state: AppState, headers: HeaderMap
                 }
                 let text = rx.borrow_and_update().clone();
                 if let Some(text) = text {
-                    if socket.send(Message::Text(text.to_string().into())).await.is_err() {
+                    if !crate::ws::send_counted(&mut socket, Message::Text(text.to_string().into()), "admin").await {
                         break;
                     }
                 }

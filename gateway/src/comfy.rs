@@ -43,12 +43,22 @@ pub fn routes(_state: &AppState) -> Router<AppState> {
     router.route("/user/{n}/_gw/queue", get(positions))
 }
 
-/// `POST /prompt`: validate, then queue a job.
+/// `POST /prompt`: validate, then queue a job; counted in the metrics
+/// either way.
 async fn submit(
     Participant(user): Participant,
     State(state): State<AppState>,
     request: Request,
 ) -> Result<Json<Value>, ApiError> {
+    let result = queue_prompt(user, &state, request).await;
+    match &result {
+        Ok(_) => dispatcher::metrics::submitted(),
+        Err(e) => dispatcher::metrics::rejected(e.kind()),
+    }
+    result
+}
+
+async fn queue_prompt(user: u32, state: &AppState, request: Request) -> Result<Json<Value>, ApiError> {
     let limit = state.limits.max_workflow_bytes;
     let bytes = axum::body::to_bytes(request.into_body(), limit).await.map_err(|_| {
         ApiError::TooLarge(format!("the request is larger than the {limit}-byte limit for a workflow"))
@@ -82,7 +92,7 @@ async fn submit(
         .store
         .submit(NewJob { user, workflow: prompt, extra_data: Value::Object(extra_data), priority: 0 })
         .await?;
-    tracing::info!(job = %job.id, user, number = job.number, "queued");
+    dispatcher::job_span!(job.id, user).in_scope(|| tracing::info!(number = job.number, "queued"));
     Ok(Json(json!({ "prompt_id": job.id, "number": job.number, "node_errors": {} })))
 }
 

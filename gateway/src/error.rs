@@ -54,7 +54,8 @@ impl ApiError {
         }
     }
 
-    fn kind(&self) -> &'static str {
+    /// The error's `type` in the JSON answer; also the metrics' rejection `reason`.
+    pub fn kind(&self) -> &'static str {
         match self {
             ApiError::BadRequest { kind, .. }
             | ApiError::InvalidPrompt { kind, .. }

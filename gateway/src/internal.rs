@@ -65,11 +65,24 @@ pub fn routes(state: &AppState) -> Router<AppState> {
         )
         .route(&format!("{p}/jobs/{{id}}/finished"), post(finished))
         .route(&format!("{p}/jobs/{{id}}/inputs/{{reference}}"), get(input))
+        .route_layer(axum::middleware::from_fn(in_job_span))
+}
+
+/// Every internal call is about one job: what it logs is in the job's span
+/// (`dispatcher::job_span!`), its `user_id` filled in once the job is read.
+async fn in_job_span(request: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    use tracing::Instrument;
+    let prefix = format!("{}/jobs/", contract::internal::PREFIX);
+    let id = request.uri().path().strip_prefix(&prefix).and_then(|rest| rest.split('/').next()).unwrap_or_default();
+    let span = tracing::info_span!("job", job_id = %id, user_id = tracing::field::Empty);
+    next.run(request).instrument(span).await
 }
 
 async fn job(state: &AppState, id: &str) -> Result<Job, ApiError> {
     let parsed: JobId = id.parse().map_err(|_| ApiError::NotFound(format!("no job {id:?}")))?;
-    state.store.get(&parsed).await?.ok_or_else(|| ApiError::NotFound(format!("no job {id}")))
+    let job = state.store.get(&parsed).await?.ok_or_else(|| ApiError::NotFound(format!("no job {id}")))?;
+    tracing::Span::current().record("user_id", tracing::field::display(job.user));
+    Ok(job)
 }
 
 fn require_in_flight(job: &Job) -> Result<(), ApiError> {
@@ -118,6 +131,7 @@ async fn started(_: Internal, State(state): State<AppState>, Path(id): Path<Stri
             // A new run: what an earlier one held back for the editor is stale.
             crate::ws::job_started(&state, &job).await?;
             state.store.transition(&job.id, JobState::Running, Patch::default()).await?;
+            tracing::info!(attempt = job.attempts, "gpu-task started the job");
             Ok(StatusCode::NO_CONTENT)
         }
     }
@@ -254,10 +268,14 @@ async fn finished(
     };
     // What the editor was not told yet goes out before the end (`crate::ws`).
     crate::ws::release(&state, &job, to == JobState::Succeeded).await?;
-    let patch = Patch { error, messages: Some(messages), ..Patch::default() };
+    let patch = Patch { error: error.clone(), messages: Some(messages), ..Patch::default() };
     // A report for a job that already ended the same way is a retry: fine.
     match state.store.transition(&job.id, to, patch).await {
-        Ok(_) => Ok(StatusCode::NO_CONTENT),
+        Ok(_) => {
+            dispatcher::metrics::job_ended(&job, to, dispatcher::job::now_ms());
+            tracing::info!(state = %to, error = error.as_deref().unwrap_or(""), "gpu-task reported the end");
+            Ok(StatusCode::NO_CONTENT)
+        }
         Err(QueueError::Transition { from, .. }) if from == to => Ok(StatusCode::NO_CONTENT),
         Err(e) => Err(e.into()),
     }

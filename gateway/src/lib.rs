@@ -24,6 +24,9 @@
 //!   instructor's pre-loaded workflows.
 //! - [`ws`]: the editor's websocket (`/user/{n}/ws`): ComfyUI's protocol,
 //!   each participant's own progress, fanned out from one Redis subscription.
+//! - [`tls`]: HTTPS with the workshop's certificate: checked at start,
+//!   reloaded on SIGHUP or a file change, and the HTTP-to-HTTPS redirect.
+//! - [`metrics`]: `GET /metrics` (Prometheus), for the admin token.
 //! - [`admin`]: the instructor's admin page (`/admin/`), its live websocket
 //!   and its actions (`/admin/api/...`).
 
@@ -36,9 +39,11 @@ pub mod error;
 pub mod files;
 pub mod internal;
 pub mod login;
+pub mod metrics;
 pub mod secrets;
 pub mod session;
 pub mod state;
+pub mod tls;
 pub mod userdata;
 pub mod validate;
 pub mod ws;
@@ -60,8 +65,15 @@ pub fn app(state: AppState) -> Router {
         .merge(internal::routes(&state))
         .merge(login::routes())
         .merge(admin::routes())
+        .merge(metrics::routes())
         .layer(TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// The health of every component as this gateway sees it (`/healthz`, `/metrics`).
+pub(crate) async fn health_report(state: &AppState) -> dispatcher::health::Report {
+    let nomad = matches!(state.cluster.executor, dispatcher::config::ExecutorKind::Nomad);
+    dispatcher::health::gather(&state.store, state.cluster.consul.as_ref(), nomad).await
 }
 
 /// What is up and what is down (`dispatcher::health`): 200 while the
@@ -70,9 +82,8 @@ pub fn app(state: AppState) -> Router {
 /// `{"ok", "redis", "components": {name: {status, since?, error?}}, "problems": [sentence]}`
 async fn healthz(axum::extract::State(state): axum::extract::State<AppState>) -> axum::response::Response {
     use axum::response::IntoResponse;
-    use dispatcher::health::{gather, Component, Status};
-    let nomad = matches!(state.cluster.executor, dispatcher::config::ExecutorKind::Nomad);
-    let report = gather(&state.store, state.cluster.consul.as_ref(), nomad).await;
+    use dispatcher::health::{Component, Status};
+    let report = health_report(&state).await;
     let redis = report.status(Component::Redis) == Status::Up;
     let body = axum::Json(serde_json::json!({
         "ok": redis,

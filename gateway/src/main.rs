@@ -2,7 +2,9 @@
 //!
 //! `gateway serve` (the default) listens on `gateway.listen`, generates what
 //! is missing on first start (access codes, admin token, internal secret) and
-//! serves until SIGINT/SIGTERM.
+//! serves until SIGINT/SIGTERM. With a TLS certificate (`gateway.tls_cert`)
+//! it serves HTTPS and reloads the certificate when its files change or on
+//! SIGHUP (`gateway::tls`).
 //!
 //! `gateway users create|list|reset N|disable N|enable N` manages
 //! participants' accounts in Redis; running gateways see every change at once.
@@ -19,6 +21,7 @@ use gateway::auth::{Accounts, Auth};
 use gateway::session::Sessions;
 use gateway::files::Files;
 use gateway::state::{AppState, Limits};
+use gateway::tls::{self, TlsFiles};
 
 #[derive(Parser)]
 #[command(name = "gateway", version, about = "comfy-multi gateway: participants' ComfyUI API and the internal API")]
@@ -78,6 +81,16 @@ async fn main() -> ExitCode {
 
 async fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
     let config = Config::load(config.as_deref())?;
+    // A certificate that cannot be served stops the start before anything else.
+    let tls = match (&config.gateway.tls_cert, &config.gateway.tls_key) {
+        (Some(cert), Some(key)) => {
+            let files = TlsFiles { cert: cert.clone(), key: key.clone() };
+            let loaded = tls::load(&files)?;
+            Some((files, loaded))
+        }
+        _ => None,
+    };
+    dispatcher::metrics::install();
     let data_dir = config.data_dir.clone();
     std::fs::create_dir_all(&data_dir).with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
     let admin_token = gateway::secrets::load_or_create(&data_dir, "admin-token", config.gateway.admin_token.as_deref())
@@ -125,12 +138,14 @@ async fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
     let app = gateway::app(state);
-    match (&config.gateway.tls_cert, &config.gateway.tls_key) {
-        (Some(cert), Some(key)) => {
-            let _ = rustls::crypto::ring::default_provider().install_default();
-            let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key).await.with_context(|| {
-                format!("cannot load the TLS certificate {} and key {}", cert.display(), key.display())
-            })?;
+    match tls {
+        Some((files, loaded)) => {
+            let served = axum_server::tls_rustls::RustlsConfig::from_config(loaded.config.clone());
+            tracing::info!(cert = %files.cert.display(), sha256 = %loaded.fingerprint, "serving the TLS certificate");
+            tls::watch(files, served.clone(), loaded).context("cannot listen for SIGHUP")?;
+            if let Some(redirect) = &config.gateway.redirect_addr {
+                redirect_listener(redirect, addr.port()).await?;
+            }
             let handle = axum_server::Handle::new();
             let stopper = handle.clone();
             tokio::spawn(async move {
@@ -139,7 +154,7 @@ async fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
             });
             println!("listening on https://{addr}");
             tracing::info!(%addr, "gateway listening (HTTPS)");
-            axum_server::from_tcp_rustls(listener, tls)?.handle(handle).serve(app.into_make_service_with_connect_info::<std::net::SocketAddr>())
+            axum_server::from_tcp_rustls(listener, served)?.handle(handle).serve(app.into_make_service_with_connect_info::<std::net::SocketAddr>())
                 .await?;
         }
         _ => {
@@ -151,6 +166,23 @@ async fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
                 .await?;
         }
     }
+    Ok(())
+}
+
+/// Answers plain HTTP on `addr` with a redirect to HTTPS on `https_port`
+/// (`gateway.redirect_addr`), in the background.
+async fn redirect_listener(addr: &str, https_port: u16) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on GATEWAY_REDIRECT_ADDR={addr}"))?;
+    let local = listener.local_addr()?;
+    tracing::info!(addr = %local, "redirecting plain HTTP to HTTPS");
+    tokio::spawn(async move {
+        let app = tls::redirect_app(https_port);
+        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(dispatcher::shutdown_signal()).await {
+            tracing::warn!("the HTTP redirect listener stopped: {e}");
+        }
+    });
     Ok(())
 }
 

@@ -535,6 +535,7 @@ async fn websocket(
 }
 
 async fn serve(mut socket: WebSocket, state: AppState, user: u32, sid: String, headers: HeaderMap) {
+    let _open = dispatcher::metrics::OpenSocket::new("editor");
     // Subscribe before counting, so no change falls between the two.
     let mut rx = state.events.subscribe(user);
     let remaining = match state.store.user_pending(user).await {
@@ -544,7 +545,7 @@ async fn serve(mut socket: WebSocket, state: AppState, user: u32, sid: String, h
             0
         }
     };
-    if socket.send(Message::Text(status_message(remaining, Some(&sid)).into())).await.is_err() {
+    if !send_counted(&mut socket, Message::Text(status_message(remaining, Some(&sid)).into()), "editor").await {
         return;
     }
     let mut first = true;
@@ -553,14 +554,14 @@ async fn serve(mut socket: WebSocket, state: AppState, user: u32, sid: String, h
         tokio::select! {
             relayed = rx.recv() => match relayed {
                 Ok(frame) => {
-                    if socket.send(frame).await.is_err() {
+                    if !send_counted(&mut socket, frame, "editor").await {
                         break;
                     }
                 }
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
                     tracing::warn!(user, missed, "a slow editor socket missed messages");
                     if let Ok(r) = state.store.user_pending(user).await {
-                        if socket.send(Message::Text(status_message(r, None).into())).await.is_err() {
+                        if !send_counted(&mut socket, Message::Text(status_message(r, None).into()), "editor").await {
                             break;
                         }
                     }
@@ -572,7 +573,7 @@ async fn serve(mut socket: WebSocket, state: AppState, user: u32, sid: String, h
                 Some(Ok(Message::Text(text))) => {
                     if std::mem::take(&mut first) && is_feature_flags(&text) {
                         let answer = json!({ "type": "feature_flags", "data": server_features() }).to_string();
-                        if socket.send(Message::Text(answer.into())).await.is_err() {
+                        if !send_counted(&mut socket, Message::Text(answer.into()), "editor").await {
                             break;
                         }
                     }
@@ -592,6 +593,16 @@ async fn serve(mut socket: WebSocket, state: AppState, user: u32, sid: String, h
             }
         }
     }
+}
+
+/// Sends `message` on a `kind` (`editor`, `admin`) socket, counting it in
+/// the metrics; false when the socket is gone.
+pub(crate) async fn send_counted(socket: &mut WebSocket, message: Message, kind: &'static str) -> bool {
+    let sent = socket.send(message).await.is_ok();
+    if sent {
+        dispatcher::metrics::websocket_sent(kind);
+    }
+    sent
 }
 
 /// A close reason fits in 123 bytes.

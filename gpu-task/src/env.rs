@@ -25,6 +25,9 @@ pub struct TaskEnv {
     pub comfyui_url: Option<String>,
     /// `GATEWAY_URL`: the gateway's address, instead of asking Consul.
     pub gateway_url: Option<String>,
+    /// `GATEWAY_CA_CERT`: a PEM file of CA certificates trusted for the
+    /// gateway's HTTPS besides the public roots (a private CA, a test's).
+    pub gateway_ca: Option<PathBuf>,
     /// `CONSUL_HTTP_ADDR`, with a scheme.
     pub consul_addr: String,
     /// `CONSUL_HTTP_TOKEN`.
@@ -44,6 +47,9 @@ pub enum EnvError {
     /// The payload file exists but cannot be read.
     #[error("cannot read the workflow payload {path}: {source}")]
     ReadPayload { path: PathBuf, source: std::io::Error },
+    /// `GATEWAY_CA_CERT` cannot be read or holds no certificate.
+    #[error("GATEWAY_CA_CERT {path}: {why}")]
+    GatewayCa { path: PathBuf, why: String },
     /// The payload file is not a workflow payload.
     #[error("the workflow payload {path} is not valid: {source}")]
     BadPayload { path: PathBuf, source: serde_json::Error },
@@ -69,11 +75,24 @@ impl TaskEnv {
             task_dir: get("NOMAD_TASK_DIR").map(PathBuf::from),
             comfyui_url: get("COMFYUI_URL").map(|u| u.trim_end_matches('/').to_string()),
             gateway_url: get("GATEWAY_URL").map(|u| u.trim_end_matches('/').to_string()),
+            gateway_ca: get("GATEWAY_CA_CERT").map(PathBuf::from),
             consul_addr: with_scheme(get("CONSUL_HTTP_ADDR").as_deref().unwrap_or(DEFAULT_CONSUL_ADDR)),
             consul_token: get("CONSUL_HTTP_TOKEN"),
             internal_secret: get("INTERNAL_SECRET"),
             gpu_uuids: get("NVIDIA_VISIBLE_DEVICES").as_deref().map(gpu_uuids).unwrap_or_default(),
         })
+    }
+
+    /// The CA certificates of `GATEWAY_CA_CERT`, if set.
+    pub fn gateway_ca_certs(&self) -> Result<Vec<reqwest::Certificate>, EnvError> {
+        let Some(path) = &self.gateway_ca else { return Ok(Vec::new()) };
+        let bad = |why: String| EnvError::GatewayCa { path: path.clone(), why };
+        let pem = std::fs::read(path).map_err(|e| bad(format!("cannot read it ({e})")))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| bad(format!("not PEM certificates ({e})")))?;
+        if certs.is_empty() {
+            return Err(bad("holds no PEM certificate".into()));
+        }
+        Ok(certs)
     }
 
     /// Where Nomad writes the dispatch payload, if there is a task dir.
@@ -139,6 +158,29 @@ mod tests {
         let map: HashMap<String, String> =
             pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         TaskEnv::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn the_gateway_ca_file_is_read_or_named_in_the_error() {
+        let meta = [("NOMAD_META_job_id", "j1"), ("NOMAD_META_user_id", "7")];
+        assert!(env(&meta).unwrap().gateway_ca_certs().unwrap().is_empty(), "none by default");
+        let dir = tempfile::tempdir().unwrap();
+        let (missing, junk, good) = (dir.path().join("missing.pem"), dir.path().join("junk.pem"), dir.path().join("ca.pem"));
+        std::fs::write(&junk, "not a certificate").unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["ca".to_string()]).unwrap().self_signed(&key).unwrap();
+        std::fs::write(&good, cert.pem()).unwrap();
+        let with = |path: &Path| {
+            let mut pairs = meta.to_vec();
+            let path = path.display().to_string();
+            pairs.push(("GATEWAY_CA_CERT", &path));
+            env(&pairs).unwrap().gateway_ca_certs()
+        };
+        assert_eq!(with(&good).unwrap().len(), 1);
+        for bad in [&missing, &junk] {
+            let e = with(bad).unwrap_err().to_string();
+            assert!(e.contains("GATEWAY_CA_CERT") && e.contains(&bad.display().to_string()), "{e}");
+        }
     }
 
     #[test]

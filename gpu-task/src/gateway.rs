@@ -58,9 +58,12 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// A client for job `job` of the gateway at `base` (`http://host:port`).
-    pub fn new(base: &str, job: &str, secret: Option<String>) -> Gateway {
-        let http = reqwest::Client::builder()
+    /// A client for job `job` of the gateway at `base` (`http://host:port`),
+    /// trusting `ca` besides the public roots for HTTPS.
+    pub fn new(base: &str, job: &str, secret: Option<String>, ca: Vec<reqwest::Certificate>) -> Gateway {
+        let http = ca
+            .into_iter()
+            .fold(reqwest::Client::builder(), |b, cert| b.add_root_certificate(cert))
             .connect_timeout(Duration::from_secs(5))
             .build()
             .unwrap_or_else(|_| reqwest::Client::new());

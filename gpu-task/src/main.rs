@@ -19,10 +19,12 @@
 //! | `COMFYUI_URL` | ComfyUI's address (`http://127.0.0.1:8188`); when unset, found in Consul |
 //! | `NVIDIA_VISIBLE_DEVICES` | the leased GPU's UUID (`GPU-…`); the `comfyui` Consul instance tagged with it is preferred |
 //! | `GATEWAY_URL` | the gateway's address; when unset, found in Consul |
+//! | `GATEWAY_CA_CERT` | a PEM file of CA certificates trusted for the gateway's HTTPS besides the public roots (a private CA); unset by default |
 //! | `CONSUL_HTTP_ADDR` | Consul's address (default `http://127.0.0.1:8500`) for the `comfyui` and `comfy-gateway` services (passing instances only) |
 //! | `CONSUL_HTTP_TOKEN` | Consul ACL token (needs `service:read`) |
 //! | `INTERNAL_SECRET` | the secret shared with the gateway, sent on every internal API call |
 //! | `RUST_LOG` | log filter (default `info`); logs go to stderr |
+//! | `LOG_FORMAT` | `json` for one JSON object per line; every line of the run carries `job_id` and `user_id` |
 //!
 //! # Exit
 //!
@@ -74,7 +76,8 @@ fn main() -> ExitCode {
             })?;
             let env = env::TaskEnv::from_env()
                 .map_err(|e| run::Exit { code: run::EXIT_UNREPORTED, line: e.to_string() })?;
-            run::run(env, stop).await
+            let span = dispatcher::job_span!(env.job_id, env.user_id);
+            tracing::Instrument::instrument(run::run(env, stop), span).await
         }),
         Err(e) => Err(run::Exit {
             code: run::EXIT_UNREPORTED,

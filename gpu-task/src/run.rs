@@ -144,7 +144,8 @@ pub async fn run(env: TaskEnv, mut stop: Stop) -> Result<(), Exit> {
         r = discover::gateway(&env, &consul) => r,
     }
     .map_err(|e| Exit { code: EXIT_UNREPORTED, line: history::one_line(&format!("cannot find the gateway: {e}")) })?;
-    let gateway = Gateway::new(&gateway_url, &env.job_id, env.internal_secret.clone());
+    let ca = env.gateway_ca_certs().map_err(|e| Exit { code: EXIT_UNREPORTED, line: e.to_string() })?;
+    let gateway = Gateway::new(&gateway_url, &env.job_id, env.internal_secret.clone(), ca);
     tracing::info!(gateway = %gateway.url(), "reporting to the gateway");
 
     let mut messages = Vec::new();

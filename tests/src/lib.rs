@@ -12,9 +12,11 @@
 //!   runs dispatched children as local processes the way `raw_exec` would.
 //! - [`browser`]: drives Debian's chromium through the `tests/browser/` scripts.
 //! - [`stack`]: the whole local stack as real processes, for end-to-end tests.
+//! - [`tls`]: certificates made at test time for the gateway's HTTPS.
 
 pub mod browser;
 pub mod comfyui;
 pub mod harness;
 pub mod nomad;
 pub mod stack;
+pub mod tls;

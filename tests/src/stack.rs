@@ -39,17 +39,24 @@ pub struct StackOptions {
     pub node_delay: Duration,
     /// `PARTICIPANTS`: participants 1..=N get a code.
     pub participants: u32,
+    /// Extra environment for every service (e.g. `LOG_FORMAT=json`).
+    pub env: Vec<(String, String)>,
+    /// Serve the gateway over HTTPS with these files ([`crate::tls`]); gpu-task
+    /// then reaches it at `GATEWAY_URL` trusting `GATEWAY_CA_CERT`.
+    pub tls: Option<crate::tls::TlsFiles>,
 }
 
 impl StackOptions {
     pub fn new(executor: Executor) -> Self {
-        StackOptions { executor, comfyui_url: None, node_delay: Duration::ZERO, participants: 5 }
+        StackOptions { executor, comfyui_url: None, node_delay: Duration::ZERO, participants: 5, env: Vec::new(), tls: None }
     }
 }
 
 /// Everything the test started; dropping it stops it all.
 pub struct Stack {
     pub gateway_url: String,
+    /// A client for the gateway (trusting its test CA under HTTPS).
+    pub http: reqwest::Client,
     /// `(n, access code)` of every participant.
     pub codes: Vec<(u32, String)>,
     /// The environment the dispatcher runs with, for running its CLI
@@ -98,11 +105,14 @@ pub async fn stack_with(executor: Executor, comfyui_url: Option<String>) -> Stac
 
 /// Starts a stack.
 pub async fn start(opts: StackOptions) -> Stack {
-    let StackOptions { executor, comfyui_url, node_delay, participants } = opts;
+    let StackOptions { executor, comfyui_url, node_delay, participants, env: extra_env, tls } = opts;
     let dir = tempfile::tempdir().unwrap();
     let redis = Redis::start().await.unwrap();
     let consul = Consul::start().await.unwrap();
-    let http = reqwest::Client::new();
+    let http = match &tls {
+        Some(files) => crate::tls::client(&std::fs::read_to_string(&files.ca).unwrap()),
+        None => reqwest::Client::new(),
+    };
     let mut processes = Vec::new();
 
     // ComfyUI: a real one if COMFYUI_URL says so, else the stand-in, in Consul.
@@ -126,7 +136,10 @@ pub async fn start(opts: StackOptions) -> Stack {
 
     let data_dir = dir.path().join("data");
     let gateway_port = free_port();
-    let gateway_url = format!("http://127.0.0.1:{gateway_port}");
+    let gateway_url = match tls {
+        Some(_) => format!("https://localhost:{gateway_port}"),
+        None => format!("http://127.0.0.1:{gateway_port}"),
+    };
     let mut env: Vec<(String, String)> = [
         ("REDIS_URL", redis.url.clone()),
         ("DATA_DIR", data_dir.display().to_string()),
@@ -139,6 +152,7 @@ pub async fn start(opts: StackOptions) -> Stack {
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
+    .chain(extra_env)
     .collect();
     if let Some(url) = &comfy_env {
         env.push(("COMFYUI_URL".into(), url.clone()));
@@ -192,6 +206,9 @@ pub async fn start(opts: StackOptions) -> Stack {
     common(&mut gateway);
     gateway.envs(env.iter().map(|(k, v)| (k, v)));
     gateway.arg("serve").env("GATEWAY_LISTEN", format!("127.0.0.1:{gateway_port}"));
+    if let Some(files) = &tls {
+        gateway.env("GATEWAY_TLS_CERT", &files.cert).env("GATEWAY_TLS_KEY", &files.key);
+    }
     processes.push(spawn_logged(gateway, "gateway"));
     wait_until("the gateway to be healthy", Duration::from_secs(30), || {
         let (http, url) = (http.clone(), format!("{gateway_url}/healthz"));
@@ -199,11 +216,19 @@ pub async fn start(opts: StackOptions) -> Stack {
     })
     .await
     .unwrap();
-    consul
-        .register_service("comfy-gateway", "gateway-test", gateway_port, &[], Some(&format!("{gateway_url}/healthz")))
-        .await
-        .unwrap();
-    consul.wait_passing("comfy-gateway").await.unwrap();
+    match &tls {
+        None => {
+            consul
+                .register_service("comfy-gateway", "gateway-test", gateway_port, &[], Some(&format!("{gateway_url}/healthz")))
+                .await
+                .unwrap();
+            consul.wait_passing("comfy-gateway").await.unwrap();
+        }
+        Some(files) => {
+            env.push(("GATEWAY_URL".into(), gateway_url.clone()));
+            env.push(("GATEWAY_CA_CERT".into(), files.ca.display().to_string()));
+        }
+    }
 
     let mut dispatcher = tokio::process::Command::new(bin_path("dispatcher"));
     common(&mut dispatcher);
@@ -218,6 +243,7 @@ pub async fn start(opts: StackOptions) -> Stack {
         .collect();
     Stack {
         gateway_url,
+        http,
         codes,
         dispatcher_env: env,
         redis_url: redis.url.clone(),
@@ -255,12 +281,22 @@ fn repo_file(path: &str) -> String {
 }
 
 impl Stack {
+    /// The running process `name` (`gateway`, `dispatcher`, ...).
+    pub fn process(&self, name: &str) -> &ChildGuard {
+        self._processes.iter().find(|p| p.name() == name).unwrap_or_else(|| panic!("no process {name}"))
+    }
+
+    /// Every service process this stack started (their logs, pids).
+    pub fn processes(&self) -> &[ChildGuard] {
+        &self._processes
+    }
+
     pub fn code(&self, user: u32) -> &str {
         &self.codes.iter().find(|(n, _)| *n == user).expect("a code for every participant").1
     }
 
     pub fn get(&self, user: u32, path: &str) -> reqwest::RequestBuilder {
-        reqwest::Client::new()
+        self.http
             .get(format!("{}/user/{user}/api/{path}", self.gateway_url))
             .bearer_auth(self.code(user))
     }
@@ -269,7 +305,8 @@ impl Stack {
 impl Stack {
     /// Submits `body` as participant `user`; returns the job id.
     pub async fn submit(&self, user: u32, body: Value) -> String {
-        let answer: Value = reqwest::Client::new()
+        let answer: Value = self
+            .http
             .post(format!("{}/user/{user}/api/prompt", self.gateway_url))
             .bearer_auth(self.code(user))
             .json(&body)
