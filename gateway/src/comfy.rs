@@ -19,7 +19,7 @@ use serde_json::{json, Map, Value};
 use tower::ServiceExt;
 
 use crate::auth::Participant;
-use crate::error::ApiError;
+use crate::error::{read_body, ApiError, JsonBody};
 use crate::state::AppState;
 use crate::validate;
 
@@ -60,18 +60,18 @@ async fn submit(
 
 async fn queue_prompt(user: u32, state: &AppState, request: Request) -> Result<Json<Value>, ApiError> {
     let limit = state.limits.max_workflow_bytes;
-    let bytes = axum::body::to_bytes(request.into_body(), limit).await.map_err(|_| {
+    let bytes = read_body(request.into_body(), limit, || {
         ApiError::TooLarge(format!("the request is larger than the {limit}-byte limit for a workflow"))
-    })?;
-    let mut body: Value = serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::bad_request("invalid_json", format!("the request body is not valid JSON: {e}")))?;
+    })
+    .await?;
+    let mut body: Value = serde_json::from_slice(&bytes).map_err(|e| ApiError::invalid_json(&e))?;
     let Some(body) = body.as_object_mut() else {
         return Err(ApiError::bad_request("invalid_prompt", "the request body must be a JSON object"));
     };
     let Some(prompt) = body.remove("prompt") else {
         return Err(ApiError::bad_request("no_prompt", "No prompt provided"));
     };
-    validate::prompt(&prompt)?;
+    validate::prompt(&prompt, state.editor.comfy().node_types().await.as_deref())?;
     let mut extra_data = match body.remove("extra_data") {
         Some(Value::Object(map)) => map,
         _ => Map::new(),
@@ -159,6 +159,7 @@ pub async fn own_job(state: &AppState, user: u32, id: &str) -> Result<Job, ApiEr
 
 #[derive(Deserialize)]
 struct ViewQuery {
+    #[serde(default)]
     filename: String,
     #[serde(default)]
     subfolder: String,
@@ -255,7 +256,7 @@ struct QueueEdit {
 async fn queue_delete(
     Participant(user): Participant,
     State(state): State<AppState>,
-    Json(edit): Json<QueueEdit>,
+    JsonBody(edit): JsonBody<QueueEdit>,
 ) -> Result<Json<Value>, ApiError> {
     let ids: Vec<String> = if edit.clear {
         let jobs = state.store.user_jobs(user, 1000).await?;
@@ -283,9 +284,9 @@ struct InterruptBody {
 async fn interrupt(
     Participant(user): Participant,
     State(state): State<AppState>,
-    body: Option<Json<InterruptBody>>,
+    body: Option<JsonBody<InterruptBody>>,
 ) -> Result<Json<Value>, ApiError> {
-    let wanted = body.and_then(|Json(b)| b.prompt_id);
+    let wanted = body.and_then(|JsonBody(b)| b.prompt_id);
     let targets: Vec<Job> = match wanted {
         Some(id) => vec![own_job(&state, user, &id).await?],
         None => state.store.user_jobs(user, 1000).await?.into_iter().filter(|j| j.state.is_in_flight()).collect(),
@@ -316,7 +317,7 @@ struct CancelMany {
 async fn cancel_many(
     Participant(user): Participant,
     State(state): State<AppState>,
-    Json(body): Json<CancelMany>,
+    JsonBody(body): JsonBody<CancelMany>,
 ) -> Result<Json<Value>, ApiError> {
     let mut any = false;
     for id in body.job_ids {

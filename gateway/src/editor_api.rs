@@ -39,9 +39,11 @@
 //! `type` = `input` (default) or `temp`, `subfolder`, `overwrite`,
 //! `original_ref`) and store into `<data_dir>/users/N/<type>/<subfolder>/`.
 //! The name must be one plain file name (no folders, no leading dot, no
-//! active-content extension such as `.html` or `.svg`) and the bytes must be
-//! an image, video or audio file the editor uploads (checked by their magic
-//! bytes); otherwise 400 and nothing is stored. Without `overwrite`, an
+//! active-content extension such as `.html` or `.svg`, nothing of that
+//! percent-encoded) and the bytes must be an image, video or audio file the
+//! editor uploads (checked by their magic bytes), an image whole (a PNG up
+//! to its `IEND`, other images with a readable header); otherwise 400 and
+//! nothing is stored. Over [`MAX_UPLOAD_BYTES`] is 413. Without `overwrite`, an
 //! existing file with other bytes makes the name `name (1).png`, as ComfyUI
 //! does; the same bytes reuse the name. `upload/mask` puts the uploaded
 //! mask's alpha onto the original image (`original_ref`, one of the
@@ -54,7 +56,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use axum::body::{Body, Bytes};
 use axum::extract::multipart::{Multipart, MultipartRejection};
-use axum::extract::{DefaultBodyLimit, Path as UrlPath, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, Path as UrlPath, Query, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, patch, post};
@@ -67,7 +69,7 @@ use serde_json::{json, Map, Value};
 use tower::ServiceExt;
 
 use crate::auth::Participant;
-use crate::error::ApiError;
+use crate::error::{ApiError, JsonBody, RawBody};
 use crate::files::{safe_name, safe_subfolder, Files};
 use crate::state::AppState;
 use crate::userdata::{write_atomic, ListOptions, RelPath};
@@ -80,6 +82,9 @@ pub const MAX_USERDATA_BYTES: usize = 32 * 1024 * 1024;
 pub const OBJECT_INFO_TTL: Duration = Duration::from_secs(600);
 /// How long a copy of `system_stats` counts as fresh.
 pub const SYSTEM_STATS_TTL: Duration = Duration::from_secs(60);
+/// How long a submission waits for ComfyUI's node types when the gateway
+/// has no copy of them.
+pub const NODE_TYPES_WAIT: Duration = Duration::from_secs(3);
 /// After a failed refresh, how long until the next try.
 const RETRY_AFTER: Duration = Duration::from_secs(10);
 
@@ -103,6 +108,8 @@ struct InfoInner {
     flights: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// When a refresh of a path last failed.
     failed: std::sync::Mutex<HashMap<String, Instant>>,
+    /// The node types of the `object_info` copy they were read from.
+    node_types: std::sync::Mutex<Option<(Bytes, Arc<HashSet<String>>)>>,
 }
 
 #[derive(Clone)]
@@ -138,6 +145,7 @@ impl ComfyInfo {
                 entries: Default::default(),
                 flights: Default::default(),
                 failed: Default::default(),
+                node_types: Default::default(),
             }),
         }
     }
@@ -278,6 +286,37 @@ impl ComfyInfo {
             }
         }
     }
+
+    /// The node types the GPU node's ComfyUI has (the names in its
+    /// `object_info`), for checking a prompt before it is queued: from the
+    /// copy at hand, else from ComfyUI if it answers within
+    /// [`NODE_TYPES_WAIT`]. `None` when they are not known, so participants
+    /// can still queue while the GPU node is down (ComfyUI checks then).
+    pub async fn node_types(&self) -> Option<Arc<HashSet<String>>> {
+        const PATH: &str = "object_info";
+        let have_copy = self.memory(PATH).is_some() || self.disk_path(PATH).is_file();
+        if !have_copy && self.recently_failed(PATH) {
+            return None;
+        }
+        let body = match tokio::time::timeout(NODE_TYPES_WAIT, self.get(PATH, OBJECT_INFO_TTL, None)).await {
+            Ok(Ok(body)) => body,
+            Ok(Err(_)) => return None,
+            Err(_) => {
+                self.note_failure(PATH, &format!("no answer within {NODE_TYPES_WAIT:?}"));
+                return None;
+            }
+        };
+        let mut memo = self.inner.node_types.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((from, types)) = memo.as_ref() {
+            if from.as_ptr() == body.as_ptr() && from.len() == body.len() {
+                return Some(types.clone());
+            }
+        }
+        let names: HashMap<String, serde::de::IgnoredAny> = serde_json::from_slice(&body).ok()?;
+        let types = Arc::new(names.into_keys().collect::<HashSet<_>>());
+        *memo = Some((body, types.clone()));
+        Some(types)
+    }
 }
 
 /// `body` if it is JSON; Python's `json.dumps` may also write the bare
@@ -398,10 +437,7 @@ pub fn routes() -> Router<AppState> {
             .route(&format!("{prefix}/userdata"), get(list_userdata))
             .route(
                 &format!("{prefix}/userdata/{{file}}"),
-                get(get_userdata)
-                    .post(post_userdata)
-                    .delete(delete_userdata)
-                    .layer(DefaultBodyLimit::max(MAX_USERDATA_BYTES)),
+                get(get_userdata).post(post_userdata).delete(delete_userdata),
             )
             .route(&format!("{prefix}/userdata/{{file}}/move/{{dest}}"), post(move_userdata))
             .route(&format!("{prefix}/v2/userdata"), get(userdata_tree))
@@ -419,11 +455,11 @@ pub fn routes() -> Router<AppState> {
             .route(&format!("{prefix}/history"), post(|_: Participant| async { StatusCode::OK }))
             .route(
                 &format!("{prefix}/upload/image"),
-                post(upload_image).layer(DefaultBodyLimit::max(MAX_UPLOAD_BYTES + 1024 * 1024)),
+                post(upload_image).layer(DefaultBodyLimit::max(MAX_UPLOAD_REQUEST)),
             )
             .route(
                 &format!("{prefix}/upload/mask"),
-                post(upload_mask).layer(DefaultBodyLimit::max(MAX_UPLOAD_BYTES + 1024 * 1024)),
+                post(upload_mask).layer(DefaultBodyLimit::max(MAX_UPLOAD_REQUEST)),
             );
     }
     router
@@ -463,13 +499,12 @@ async fn setting(
     Json(state.editor.userdata().settings(user).await.remove(&id).unwrap_or(Value::Null))
 }
 
-fn json_body(bytes: &[u8]) -> Result<Value, ApiError> {
-    serde_json::from_slice(bytes)
-        .map_err(|e| ApiError::bad_request("invalid_json", format!("the request body is not valid JSON: {e}")))
-}
-
-async fn post_settings(Participant(user): Participant, State(state): State<AppState>, body: Bytes) -> Result<StatusCode, ApiError> {
-    let Value::Object(changes) = json_body(&body)? else {
+async fn post_settings(
+    Participant(user): Participant,
+    State(state): State<AppState>,
+    JsonBody(body): JsonBody<Value>,
+) -> Result<StatusCode, ApiError> {
+    let Value::Object(changes) = body else {
         return Err(ApiError::bad_request("invalid_settings", "settings are a JSON object"));
     };
     state.editor.userdata().update_settings(user, changes).await?;
@@ -480,9 +515,8 @@ async fn post_setting(
     Participant(user): Participant,
     State(state): State<AppState>,
     UrlPath((_n, id)): UrlPath<(String, String)>,
-    body: Bytes,
+    JsonBody(value): JsonBody<Value>,
 ) -> Result<StatusCode, ApiError> {
-    let value = json_body(&body)?;
     let mut change = Map::new();
     change.insert(id, value);
     state.editor.userdata().update_settings(user, change).await?;
@@ -564,7 +598,7 @@ async fn post_userdata(
     State(state): State<AppState>,
     UrlPath((_n, file)): UrlPath<(String, String)>,
     Query(q): Query<HashMap<String, String>>,
-    body: Bytes,
+    RawBody(body): RawBody<MAX_USERDATA_BYTES>,
 ) -> Result<Json<Value>, ApiError> {
     let rel = RelPath::parse(&file, "file")?;
     let overwrite = q.get("overwrite").map(String::as_str) != Some("false");
@@ -886,7 +920,19 @@ struct Upload {
     fields: HashMap<String, String>,
 }
 
-async fn read_upload(multipart: Result<Multipart, MultipartRejection>) -> Result<Upload, ApiError> {
+/// The largest upload request: the file and ComfyUI's other fields.
+const MAX_UPLOAD_REQUEST: usize = MAX_UPLOAD_BYTES + 1024 * 1024;
+
+/// Reads an upload request. One that says it is over the limit
+/// (`Content-Length`) is refused before anything is parsed, once the client
+/// has sent it (see [`crate::error::read_body`]).
+async fn read_upload(request: Request) -> Result<Upload, ApiError> {
+    let length = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if length.is_some_and(|l| l > MAX_UPLOAD_REQUEST as u64) {
+        crate::error::drain(request.into_body().into_data_stream()).await;
+        return Err(too_large_upload());
+    }
+    let multipart: Result<Multipart, MultipartRejection> = Multipart::from_request(request, &()).await;
     let mut multipart = multipart.map_err(|e| ApiError::bad_request("invalid_upload", format!("not a multipart upload: {e}")))?;
     let mut image = None;
     let mut fields = HashMap::new();
@@ -899,6 +945,9 @@ async fn read_upload(multipart: Result<Multipart, MultipartRejection>) -> Result
         let name = field.name().unwrap_or_default().to_string();
         let file_name = field.file_name().map(str::to_string);
         let bytes = field.bytes().await.map_err(multipart_error)?;
+        if bytes.len() > MAX_UPLOAD_BYTES {
+            return Err(too_large_upload());
+        }
         match (name.as_str(), file_name) {
             ("image", Some(file_name)) => image = Some((file_name, bytes)),
             _ => {
@@ -912,9 +961,13 @@ async fn read_upload(multipart: Result<Multipart, MultipartRejection>) -> Result
     Ok(Upload { filename, bytes, fields })
 }
 
+fn too_large_upload() -> ApiError {
+    ApiError::TooLarge(format!("uploads are limited to {} MiB", MAX_UPLOAD_BYTES / (1024 * 1024)))
+}
+
 fn multipart_error(e: axum::extract::multipart::MultipartError) -> ApiError {
     if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::TooLarge(format!("uploads are limited to {} MiB", MAX_UPLOAD_BYTES / (1024 * 1024)))
+        too_large_upload()
     } else {
         ApiError::bad_request("invalid_upload", format!("the upload could not be read: {e}"))
     }
@@ -938,14 +991,48 @@ fn upload_target(files: &Files, user: u32, upload: &Upload) -> Result<(PathBuf, 
     Ok((dir, kind.to_string(), subfolder))
 }
 
+/// The bytes are a media file (by their magic numbers); an image the
+/// gateway can read must also be whole: a PNG up to its `IEND` chunk, any
+/// other readable image with a readable header.
 fn check_media(filename: &str, bytes: &[u8]) -> Result<(), ApiError> {
-    if sniff(bytes).is_none() {
+    let Some(kind) = sniff(bytes) else {
         return Err(ApiError::bad_request(
             "invalid_image",
             format!("{filename:?} is not an image, video or audio file this editor can use"),
         ));
+    };
+    let whole = match kind {
+        "png" => complete_png(bytes),
+        "jpeg" | "gif" | "webp" | "bmp" => image::ImageReader::new(std::io::Cursor::new(bytes))
+            .with_guessed_format()
+            .is_ok_and(|r| r.into_dimensions().is_ok()),
+        _ => true,
+    };
+    if !whole {
+        return Err(ApiError::bad_request(
+            "invalid_image",
+            format!("{filename:?} is not a whole {kind} image (truncated or damaged); upload it again"),
+        ));
     }
     Ok(())
+}
+
+/// Whether `bytes` are a PNG whose chunks run whole from the signature to
+/// the `IEND` chunk.
+fn complete_png(bytes: &[u8]) -> bool {
+    let mut at = 8;
+    while let Some(header) = bytes.get(at..at + 8) {
+        let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        let Some(end) = at.checked_add(12).and_then(|a| a.checked_add(len)) else { return false };
+        if end > bytes.len() {
+            return false;
+        }
+        if &header[4..8] == b"IEND" {
+            return true;
+        }
+        at = end;
+    }
+    false
 }
 
 /// `os.path.splitext` of a plain name.
@@ -1005,9 +1092,9 @@ fn overwrite_of(upload: &Upload) -> bool {
 async fn upload_image(
     Participant(user): Participant,
     State(state): State<AppState>,
-    multipart: Result<Multipart, MultipartRejection>,
+    request: Request,
 ) -> Result<Json<Value>, ApiError> {
-    let upload = read_upload(multipart).await?;
+    let upload = read_upload(request).await?;
     let (dir, kind, subfolder) = upload_target(&state.files, user, &upload)?;
     check_media(&upload.filename, &upload.bytes)?;
     let name = store_upload(&dir, &upload.filename, &upload.bytes, overwrite_of(&upload)).await?;
@@ -1019,9 +1106,9 @@ async fn upload_image(
 async fn upload_mask(
     Participant(user): Participant,
     State(state): State<AppState>,
-    multipart: Result<Multipart, MultipartRejection>,
+    request: Request,
 ) -> Result<Json<Value>, ApiError> {
-    let upload = read_upload(multipart).await?;
+    let upload = read_upload(request).await?;
     let (dir, kind, subfolder) = upload_target(&state.files, user, &upload)?;
     check_media(&upload.filename, &upload.bytes)?;
     let reference: Value = upload
@@ -1136,6 +1223,21 @@ mod tests {
         assert!(active_content("x.HTML"));
         assert!(active_content("a.svg"));
         assert!(!active_content("a.png"));
+    }
+
+    #[test]
+    fn only_whole_images_pass() {
+        let mut png = std::io::Cursor::new(Vec::new());
+        image::RgbImage::from_pixel(8, 8, image::Rgb([1, 2, 3])).write_to(&mut png, image::ImageFormat::Png).unwrap();
+        let png = png.into_inner();
+        assert!(check_media("a.png", &png).is_ok());
+        assert!(check_media("a.png", &png[..png.len() - 1]).is_err());
+        assert!(check_media("a.png", &png[..png.len() / 2]).is_err());
+        assert!(check_media("a.png", &png[..8]).is_err());
+        assert!(check_media("a.jpg", b"\xff\xd8\xff\xe0 not really").is_err());
+        let mut jpeg = std::io::Cursor::new(Vec::new());
+        image::RgbImage::from_pixel(8, 8, image::Rgb([1, 2, 3])).write_to(&mut jpeg, image::ImageFormat::Jpeg).unwrap();
+        assert!(check_media("a.jpg", jpeg.get_ref()).is_ok());
     }
 
     #[test]

@@ -20,21 +20,35 @@ pub struct Files {
 }
 
 /// Checks one path component sent by a client: no separators, no `..`, no
-/// hidden or control characters, not too long.
+/// hidden or control characters, not too long; and the same once
+/// percent-decoded (twice), so no layer that decodes it again can be led
+/// out of the folder.
 pub fn safe_name(name: &str) -> Result<&str, ApiError> {
-    let bad = name.is_empty()
-        || name.len() > 255
-        || name.starts_with('.')
-        || name.chars().any(|c| c == '/' || c == '\\' || c.is_control() || c == ':');
-    if bad {
-        Err(ApiError::bad_request("invalid_filename", format!("{name:?} is not an allowed file or folder name")))
-    } else {
+    let plain = |n: &str| {
+        !(n.is_empty()
+            || n.len() > 255
+            || n.starts_with('.')
+            || n.chars().any(|c| c == '/' || c == '\\' || c.is_control() || c == ':'))
+    };
+    let once = urlencoding::decode_binary(name.as_bytes());
+    let twice = urlencoding::decode_binary(&once);
+    let decoded_plain = [&once, &twice].iter().all(|d| plain(&String::from_utf8_lossy(d)));
+    if plain(name) && decoded_plain {
         Ok(name)
+    } else {
+        Err(ApiError::bad_request("invalid_filename", format!("{name:?} is not an allowed file or folder name")))
     }
 }
 
-/// Checks a `subfolder` (components separated by `/`, may be empty).
+/// Checks a `subfolder` (components separated by `/`, may be empty; never
+/// absolute).
 pub fn safe_subfolder(sub: &str) -> Result<PathBuf, ApiError> {
+    if sub.starts_with('/') {
+        return Err(ApiError::bad_request(
+            "invalid_filename",
+            format!("{sub:?} is not an allowed folder: it must be relative (inside your own files)"),
+        ));
+    }
     let mut path = PathBuf::new();
     for part in sub.split('/').filter(|p| !p.is_empty()) {
         path.push(safe_name(part)?);
@@ -109,11 +123,13 @@ mod tests {
 
     #[test]
     fn traversal_is_refused() {
-        for bad in ["..", "../x", "a/b", "/etc/passwd", ".hidden", "a\\b", "a\0b", "", "c:x"] {
+        for bad in ["..", "../x", "a/b", "/etc/passwd", ".hidden", "a\\b", "a\0b", "", "c:x", "%2e%2e", "..%2fx", "%252e%252e%252f", "a%00b", "a%5cb"] {
             assert!(safe_name(bad).is_err(), "{bad:?}");
         }
         assert!(safe_name("smoke_00001_.png").is_ok());
         assert!(safe_subfolder("a/../b").is_err());
+        assert!(safe_subfolder("/etc").is_err());
+        assert!(safe_name("100%_done.png").is_ok(), "a lone % is fine");
         assert_eq!(safe_subfolder("a//b/").unwrap(), PathBuf::from("a/b"));
         assert_eq!(safe_subfolder("").unwrap(), PathBuf::new());
     }

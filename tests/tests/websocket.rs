@@ -233,7 +233,9 @@ async fn the_editor_socket_speaks_comfyuis_protocol_to_each_participant_alone() 
 
     // A job ComfyUI refuses: gpu-task relays nothing, the gateway still ends
     // the prompt for the editor, with the reason.
-    let bad = stack.submit(2, json!({ "prompt": { "1": { "class_type": "NoSuchNode", "inputs": {} } } })).await;
+    let mut refused = fresh_workflow();
+    refused["5"]["inputs"]["x"] = json!(100_000);
+    let bad = stack.submit(2, json!({ "prompt": refused })).await;
     let messages = two.until_end(&bad).await;
     assert_eq!(prompt_ids(&messages), HashSet::from([bad.clone()]), "{messages:#?}");
     let error = messages.iter().find(|m| m["type"] == "execution_error").expect("an execution_error");
