@@ -39,11 +39,19 @@ pub struct StackOptions {
     pub node_delay: Duration,
     /// `PARTICIPANTS`: participants 1..=N get a code.
     pub participants: u32,
+    /// Redis's AOF `appendfsync` policy (`everysec`, as deployed, by default).
+    pub redis_appendfsync: &'static str,
 }
 
 impl StackOptions {
     pub fn new(executor: Executor) -> Self {
-        StackOptions { executor, comfyui_url: None, node_delay: Duration::ZERO, participants: 5 }
+        StackOptions {
+            executor,
+            comfyui_url: None,
+            node_delay: Duration::ZERO,
+            participants: 5,
+            redis_appendfsync: "everysec",
+        }
     }
 }
 
@@ -98,9 +106,9 @@ pub async fn stack_with(executor: Executor, comfyui_url: Option<String>) -> Stac
 
 /// Starts a stack.
 pub async fn start(opts: StackOptions) -> Stack {
-    let StackOptions { executor, comfyui_url, node_delay, participants } = opts;
+    let StackOptions { executor, comfyui_url, node_delay, participants, redis_appendfsync } = opts;
     let dir = tempfile::tempdir().unwrap();
-    let redis = Redis::start().await.unwrap();
+    let redis = Redis::start_with_appendfsync(redis_appendfsync).await.unwrap();
     let consul = Consul::start().await.unwrap();
     let http = reqwest::Client::new();
     let mut processes = Vec::new();
@@ -143,13 +151,6 @@ pub async fn start(opts: StackOptions) -> Stack {
     if let Some(url) = &comfy_env {
         env.push(("COMFYUI_URL".into(), url.clone()));
     }
-    let common_env = env.clone();
-    let common = move |cmd: &mut tokio::process::Command| {
-        cmd.envs(common_env.iter().map(|(k, v)| (k, v)))
-            .env_remove("GATEWAY_URL")
-            .env_remove("NOMAD_TOKEN")
-            .env_remove("COMFY_MULTI_CONFIG");
-    };
 
     // The executor first, so the gateway (admin page) and the dispatcher both know it.
     let mut real_nomad = None;
@@ -160,8 +161,7 @@ pub async fn start(opts: StackOptions) -> Stack {
             env.push(("GPU_TASK_BIN".into(), bin_path("gpu-task").display().to_string()));
         }
         Executor::Nomad => {
-            let mut nomad = tokio::process::Command::new(bin_path("nomad-standin"));
-            common(&mut nomad);
+            let mut nomad = service_command("nomad-standin", &env);
             nomad.args(["--listen", "127.0.0.1:0", "--gpus", "1", "--data-dir"]).arg(dir.path().join("nomad"));
             let (guard, nomad_url) = start_listening(nomad, "nomad-standin").await;
             processes.push(guard);
@@ -188,27 +188,15 @@ pub async fn start(opts: StackOptions) -> Stack {
         env.push(("EXECUTOR".into(), "nomad".into()));
         env.push(("NOMAD_ADDR".into(), url.clone()));
     }
-    let mut gateway = tokio::process::Command::new(bin_path("gateway"));
-    common(&mut gateway);
-    gateway.envs(env.iter().map(|(k, v)| (k, v)));
-    gateway.arg("serve").env("GATEWAY_LISTEN", format!("127.0.0.1:{gateway_port}"));
-    processes.push(spawn_logged(gateway, "gateway"));
-    wait_until("the gateway to be healthy", Duration::from_secs(30), || {
-        let (http, url) = (http.clone(), format!("{gateway_url}/healthz"));
-        async move { http.get(url).send().await.ok().filter(|r| r.status().is_success()) }
-    })
-    .await
-    .unwrap();
+    processes.push(spawn_logged(gateway_command(&env, &gateway_url), "gateway"));
+    wait_healthy(&http, &gateway_url).await;
     consul
         .register_service("comfy-gateway", "gateway-test", gateway_port, &[], Some(&format!("{gateway_url}/healthz")))
         .await
         .unwrap();
     consul.wait_passing("comfy-gateway").await.unwrap();
 
-    let mut dispatcher = tokio::process::Command::new(bin_path("dispatcher"));
-    common(&mut dispatcher);
-    dispatcher.arg("run").envs(env.iter().map(|(k, v)| (k, v)));
-    processes.push(spawn_logged(dispatcher, "dispatcher"));
+    processes.push(spawn_logged(dispatcher_command(&env), "dispatcher"));
 
     let codes = std::fs::read_to_string(data_dir.join("secrets/access-codes.txt"))
         .unwrap()
@@ -301,3 +289,98 @@ impl Stack {
     }
 }
 
+/// A process of the stack (`gateway`, `dispatcher`, `nomad-standin`) with the stack's
+/// environment `env` and nothing of the test's own that would mislead it.
+fn service_command(bin: &str, env: &[(String, String)]) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(bin_path(bin));
+    cmd.envs(env.iter().map(|(k, v)| (k, v)))
+        .env_remove("GATEWAY_URL")
+        .env_remove("NOMAD_TOKEN")
+        .env_remove("COMFY_MULTI_CONFIG");
+    cmd
+}
+
+/// `gateway serve` listening where `gateway_url` says.
+fn gateway_command(env: &[(String, String)], gateway_url: &str) -> tokio::process::Command {
+    let mut cmd = service_command("gateway", env);
+    let listen = gateway_url.strip_prefix("http://").expect("the stack's gateway URL is http://ADDR");
+    cmd.arg("serve").env("GATEWAY_LISTEN", listen);
+    cmd
+}
+
+/// `dispatcher run`.
+fn dispatcher_command(env: &[(String, String)]) -> tokio::process::Command {
+    let mut cmd = service_command("dispatcher", env);
+    cmd.arg("run");
+    cmd
+}
+
+/// Waits (up to 30 s) until the gateway at `gateway_url` answers `/healthz`.
+async fn wait_healthy(http: &reqwest::Client, gateway_url: &str) {
+    wait_until("the gateway to be healthy", Duration::from_secs(30), || {
+        let (http, url) = (http.clone(), format!("{gateway_url}/healthz"));
+        async move { http.get(url).send().await.ok().filter(|r| r.status().is_success()) }
+    })
+    .await
+    .unwrap();
+}
+
+/// SIGKILLing and respawning the stack's services, as the reliability suite
+/// (`tests/reliability/`) does at random points. A respawned service gets the
+/// same environment, port and data as the one it replaces.
+impl Stack {
+    /// The running guard of service `name` (`gateway`, `dispatcher`).
+    fn service_mut(&mut self, name: &str) -> &mut ChildGuard {
+        self._processes.iter_mut().find(|p| p.name() == name).unwrap_or_else(|| panic!("the stack runs no {name}"))
+    }
+
+    /// Starts service `name` again (SIGKILLing what is left of it first).
+    fn respawn(&mut self, name: &str, cmd: tokio::process::Command) {
+        let old = self.service_mut(name);
+        old.kill();
+        *old = spawn_logged(cmd, name);
+    }
+
+    /// SIGKILLs the gateway (no shutdown of any kind).
+    pub fn kill_gateway(&mut self) {
+        self.service_mut("gateway").kill();
+    }
+
+    /// Starts the gateway again on its port and waits until it is healthy.
+    pub async fn respawn_gateway(&mut self) {
+        let cmd = gateway_command(&self.dispatcher_env, &self.gateway_url);
+        self.respawn("gateway", cmd);
+        wait_healthy(&reqwest::Client::new(), &self.gateway_url).await;
+    }
+
+    /// SIGKILLs the dispatcher (no shutdown of any kind).
+    pub fn kill_dispatcher(&mut self) {
+        self.service_mut("dispatcher").kill();
+    }
+
+    /// Starts the dispatcher again.
+    pub fn respawn_dispatcher(&mut self) {
+        let cmd = dispatcher_command(&self.dispatcher_env);
+        self.respawn("dispatcher", cmd);
+    }
+
+    /// SIGKILLs Redis (no shutdown, no final fsync of the AOF).
+    pub fn kill_redis(&mut self) {
+        self._redis.kill();
+    }
+
+    /// Starts Redis again on its port and dir (it replays its AOF) and waits
+    /// until it answers.
+    pub async fn respawn_redis(&mut self) -> anyhow::Result<()> {
+        self._redis.restart().await
+    }
+
+    /// The log tail of service `name` (`gateway`, `dispatcher`,
+    /// `redis-server`), for failure messages.
+    pub fn service_log_tail(&mut self, name: &str, lines: usize) -> String {
+        match name {
+            "redis-server" => self._redis.log_tail(lines),
+            _ => self.service_mut(name).log_tail(lines),
+        }
+    }
+}
