@@ -102,7 +102,7 @@ job "redis" {
           "--port", "${NOMAD_PORT_redis}",
           "--dir", "/data",
           "--appendonly", "yes",
-          "--appendfsync", "everysec",
+          "--appendfsync", "always",
           "--protected-mode", "yes",
           "--daemonize", "no",
         ]

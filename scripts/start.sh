@@ -81,7 +81,7 @@ wait_for() {
 
 REDIS_PORT=$(free_port)
 start redis redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$LOCAL/redis" \
-    --appendonly yes --appendfsync everysec --save "" --daemonize no
+    --appendonly yes --appendfsync always --save "" --daemonize no
 export REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
 
 CONSUL_PORT=$(free_port)

@@ -192,6 +192,18 @@ impl Dispatcher {
                     if let Err(e) = health::heartbeat(&self.store).await {
                         tracing::warn!("cannot write the heartbeat: {e}");
                     }
+                    // A subscription to a Redis that restarted goes silent
+                    // rather than ending: check it, and after subscribing
+                    // again reconcile at once (a stop sent meanwhile is lost).
+                    if !subscribed(&mut wake).await {
+                        wake = self.subscribe().await;
+                        if wake.is_some() {
+                            tracing::info!("subscribed to Redis again");
+                            if let Err(e) = self.reconcile(&mut tasks).await {
+                                tracing::warn!("cannot reconcile with the executor: {e}");
+                            }
+                        }
+                    }
                 }
                 _ = reconcile.tick() => {
                     if let Err(e) = self.reconcile(&mut tasks).await {
@@ -343,6 +355,14 @@ async fn note_remote(store: &Store, executor: &dyn Executor, result: Result<(), 
     }
 }
 
+/// Whether the subscription still answers (a PING within 2 s).
+async fn subscribed(pubsub: &mut Option<redis::aio::PubSub>) -> bool {
+    match pubsub {
+        Some(p) => matches!(tokio::time::timeout(Duration::from_secs(2), p.ping::<redis::Value>()).await, Ok(Ok(_))),
+        None => false,
+    }
+}
+
 /// Waits for a message (channel, payload); `None` when the subscription is gone.
 async fn next_message(pubsub: &mut Option<redis::aio::PubSub>) -> Option<(String, String)> {
     match pubsub {
@@ -402,6 +422,10 @@ async fn handle(store: Store, executor: Arc<dyn Executor>, job: Job, max_attempt
 async fn resume(store: Store, executor: Arc<dyn Executor>, job: Job, max_attempts: u32) -> Handled {
     match job.executor_ref.clone() {
         Some(executor_ref) => {
+            // Cancelled while no dispatcher listened: the stop was never sent.
+            if job.cancel_requested {
+                stop_run(executor.as_ref(), &executor_ref).await;
+            }
             let started = Started { executor_ref, index: 0 };
             follow(&store, executor.as_ref(), &job.id, &started, max_attempts).await;
         }

@@ -440,32 +440,52 @@ fn ensure_running(child: &mut ChildGuard) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The pid of a gpu-task running job `job_id`, whichever executor started
+/// it: found by the `NOMAD_META_job_id` in its environment.
+pub fn gpu_task_of(job_id: &str) -> Option<i32> {
+    let needle = format!("NOMAD_META_job_id={job_id}");
+    std::fs::read_dir("/proc").ok()?.filter_map(Result::ok).find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let environ = std::fs::read(e.path().join("environ")).ok()?;
+        environ.split(|b| *b == 0).any(|var| var == needle.as_bytes()).then_some(pid)
+    })
+}
+
 // ---------------------------------------------------------------------------
 // Redis
 // ---------------------------------------------------------------------------
 
 /// A real `redis-server` on a free loopback port, with AOF on
-/// (`appendfsync everysec`, no RDB snapshots) in its own temp dir.
-/// SIGKILLed on drop.
+/// (`appendfsync always`, as deployed, unless asked otherwise; no RDB snapshots) in its
+/// own temp dir. SIGKILLed on drop.
 pub struct Redis {
     /// `redis://127.0.0.1:PORT/`
     pub url: String,
     pub port: u16,
     /// The data dir (holds `appendonlydir/`).
     pub dir: PathBuf,
+    appendfsync: &'static str,
     child: Option<ChildGuard>,
     _tmp: tempfile::TempDir,
 }
 
 impl Redis {
-    /// Starts redis-server and waits until it answers PING.
+    /// Starts redis-server (`appendfsync always`, as deployed) and waits
+    /// until it answers PING.
     pub async fn start() -> anyhow::Result<Redis> {
+        Self::start_with_appendfsync("always").await
+    }
+
+    /// Starts redis-server with AOF policy `appendfsync` (`always`,
+    /// `everysec`, `no`) and waits until it answers PING.
+    pub async fn start_with_appendfsync(appendfsync: &'static str) -> anyhow::Result<Redis> {
         let tmp = tempfile::Builder::new().prefix("comfy-multi-redis-").tempdir()?;
         let port = free_port();
         let mut redis = Redis {
             url: format!("redis://127.0.0.1:{port}/"),
             port,
             dir: tmp.path().to_path_buf(),
+            appendfsync,
             child: None,
             _tmp: tmp,
         };
@@ -480,7 +500,7 @@ impl Redis {
             .args(["--bind", "127.0.0.1"])
             .arg("--dir")
             .arg(&self.dir)
-            .args(["--appendonly", "yes", "--appendfsync", "everysec", "--save", ""])
+            .args(["--appendonly", "yes", "--appendfsync", self.appendfsync, "--save", ""])
             .args(["--daemonize", "no", "--logfile", ""]);
         let mut child = spawn_logged(cmd, "redis-server");
         let port = self.port;
@@ -798,8 +818,7 @@ mod tests {
         let mut con = client.get_multiplexed_async_connection().await.unwrap();
         let _: () = redis::cmd("SET").arg("harness:key").arg("survives").query_async(&mut con).await.unwrap();
         drop(con);
-        // everysec: the write reaches the AOF file at once, fsync within ~1 s.
-        // SIGKILL (not a machine crash) keeps what was written.
+        // always: the write is in the AOF file, fsynced, before Redis answers.
         let aof_dir = redis.dir.join("appendonlydir");
         wait_until("the SET to reach the AOF", Duration::from_secs(10), || {
             let found = std::fs::read_dir(&aof_dir).ok().is_some_and(|entries| {

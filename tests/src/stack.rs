@@ -44,17 +44,30 @@ pub struct StackOptions {
     /// Serve the gateway over HTTPS with these files ([`crate::tls`]); gpu-task
     /// then reaches it at `GATEWAY_URL` trusting `GATEWAY_CA_CERT`.
     pub tls: Option<crate::tls::TlsFiles>,
+    /// Redis's AOF `appendfsync` policy: `always`, as deployed, by default
+    /// (the reliability suite can run `everysec` to show what it loses).
+    pub redis_appendfsync: &'static str,
 }
 
 impl StackOptions {
     pub fn new(executor: Executor) -> Self {
-        StackOptions { executor, comfyui_url: None, node_delay: Duration::ZERO, participants: 5, env: Vec::new(), tls: None }
+        StackOptions {
+            executor,
+            comfyui_url: None,
+            node_delay: Duration::ZERO,
+            participants: 5,
+            env: Vec::new(),
+            tls: None,
+            redis_appendfsync: "always",
+        }
     }
 }
 
 /// Everything the test started; dropping it stops it all.
 pub struct Stack {
     pub gateway_url: String,
+    gateway_port: u16,
+    gateway_tls: Option<crate::tls::TlsFiles>,
     /// A client for the gateway (trusting its test CA under HTTPS).
     pub http: reqwest::Client,
     /// `(n, access code)` of every participant.
@@ -105,9 +118,9 @@ pub async fn stack_with(executor: Executor, comfyui_url: Option<String>) -> Stac
 
 /// Starts a stack.
 pub async fn start(opts: StackOptions) -> Stack {
-    let StackOptions { executor, comfyui_url, node_delay, participants, env: extra_env, tls } = opts;
+    let StackOptions { executor, comfyui_url, node_delay, participants, env: extra_env, tls, redis_appendfsync } = opts;
     let dir = tempfile::tempdir().unwrap();
-    let redis = Redis::start().await.unwrap();
+    let redis = Redis::start_with_appendfsync(redis_appendfsync).await.unwrap();
     let consul = Consul::start().await.unwrap();
     let http = match &tls {
         Some(files) => crate::tls::client(&std::fs::read_to_string(&files.ca).unwrap()),
@@ -157,13 +170,6 @@ pub async fn start(opts: StackOptions) -> Stack {
     if let Some(url) = &comfy_env {
         env.push(("COMFYUI_URL".into(), url.clone()));
     }
-    let common_env = env.clone();
-    let common = move |cmd: &mut tokio::process::Command| {
-        cmd.envs(common_env.iter().map(|(k, v)| (k, v)))
-            .env_remove("GATEWAY_URL")
-            .env_remove("NOMAD_TOKEN")
-            .env_remove("COMFY_MULTI_CONFIG");
-    };
 
     // The executor first, so the gateway (admin page) and the dispatcher both know it.
     let mut real_nomad = None;
@@ -174,8 +180,7 @@ pub async fn start(opts: StackOptions) -> Stack {
             env.push(("GPU_TASK_BIN".into(), bin_path("gpu-task").display().to_string()));
         }
         Executor::Nomad => {
-            let mut nomad = tokio::process::Command::new(bin_path("nomad-standin"));
-            common(&mut nomad);
+            let mut nomad = service_command("nomad-standin", &env);
             nomad.args(["--listen", "127.0.0.1:0", "--gpus", "1", "--data-dir"]).arg(dir.path().join("nomad"));
             let (guard, nomad_url) = start_listening(nomad, "nomad-standin").await;
             processes.push(guard);
@@ -202,20 +207,8 @@ pub async fn start(opts: StackOptions) -> Stack {
         env.push(("EXECUTOR".into(), "nomad".into()));
         env.push(("NOMAD_ADDR".into(), url.clone()));
     }
-    let mut gateway = tokio::process::Command::new(bin_path("gateway"));
-    common(&mut gateway);
-    gateway.envs(env.iter().map(|(k, v)| (k, v)));
-    gateway.arg("serve").env("GATEWAY_LISTEN", format!("127.0.0.1:{gateway_port}"));
-    if let Some(files) = &tls {
-        gateway.env("GATEWAY_TLS_CERT", &files.cert).env("GATEWAY_TLS_KEY", &files.key);
-    }
-    processes.push(spawn_logged(gateway, "gateway"));
-    wait_until("the gateway to be healthy", Duration::from_secs(30), || {
-        let (http, url) = (http.clone(), format!("{gateway_url}/healthz"));
-        async move { http.get(url).send().await.ok().filter(|r| r.status().is_success()) }
-    })
-    .await
-    .unwrap();
+    processes.push(spawn_logged(gateway_command(&env, gateway_port, tls.as_ref()), "gateway"));
+    wait_healthy(&http, &gateway_url).await;
     match &tls {
         None => {
             consul
@@ -230,10 +223,7 @@ pub async fn start(opts: StackOptions) -> Stack {
         }
     }
 
-    let mut dispatcher = tokio::process::Command::new(bin_path("dispatcher"));
-    common(&mut dispatcher);
-    dispatcher.arg("run").envs(env.iter().map(|(k, v)| (k, v)));
-    processes.push(spawn_logged(dispatcher, "dispatcher"));
+    processes.push(spawn_logged(dispatcher_command(&env), "dispatcher"));
 
     let codes = std::fs::read_to_string(data_dir.join("secrets/access-codes.txt"))
         .unwrap()
@@ -243,6 +233,8 @@ pub async fn start(opts: StackOptions) -> Stack {
         .collect();
     Stack {
         gateway_url,
+        gateway_port,
+        gateway_tls: tls,
         http,
         codes,
         dispatcher_env: env,
@@ -281,9 +273,9 @@ fn repo_file(path: &str) -> String {
 }
 
 impl Stack {
-    /// The running process `name` (`gateway`, `dispatcher`, ...).
+    /// The process `name` (`gateway`, `dispatcher`, ...) started last.
     pub fn process(&self, name: &str) -> &ChildGuard {
-        self._processes.iter().find(|p| p.name() == name).unwrap_or_else(|| panic!("no process {name}"))
+        self._processes.iter().rev().find(|p| p.name() == name).unwrap_or_else(|| panic!("no process {name}"))
     }
 
     /// Every service process this stack started (their logs, pids).
@@ -339,16 +331,58 @@ impl Stack {
 }
 
 
-/// Killing and restarting the stack's services, for the failure tests.
+/// A process of the stack (`gateway`, `dispatcher`, `nomad-standin`) with the
+/// stack's environment `env` (which may set `GATEWAY_URL`, under HTTPS) and
+/// nothing of the test's own that would mislead it.
+fn service_command(bin: &str, env: &[(String, String)]) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(bin_path(bin));
+    cmd.env_remove("GATEWAY_URL")
+        .env_remove("NOMAD_TOKEN")
+        .env_remove("COMFY_MULTI_CONFIG")
+        .envs(env.iter().map(|(k, v)| (k, v)));
+    cmd
+}
+
+/// `gateway serve` on loopback `port`, over HTTPS with `tls`.
+fn gateway_command(env: &[(String, String)], port: u16, tls: Option<&crate::tls::TlsFiles>) -> tokio::process::Command {
+    let mut cmd = service_command("gateway", env);
+    cmd.arg("serve").env("GATEWAY_LISTEN", format!("127.0.0.1:{port}"));
+    if let Some(files) = tls {
+        cmd.env("GATEWAY_TLS_CERT", &files.cert).env("GATEWAY_TLS_KEY", &files.key);
+    }
+    cmd
+}
+
+/// `dispatcher run`.
+fn dispatcher_command(env: &[(String, String)]) -> tokio::process::Command {
+    let mut cmd = service_command("dispatcher", env);
+    cmd.arg("run");
+    cmd
+}
+
+/// Waits (up to 30 s) until the gateway at `gateway_url` answers `/healthz` with a success.
+pub async fn wait_healthy(http: &reqwest::Client, gateway_url: &str) {
+    wait_until("the gateway to be healthy", Duration::from_secs(30), || {
+        let (http, url) = (http.clone(), format!("{gateway_url}/healthz"));
+        async move { http.get(url).send().await.ok().filter(|r| r.status().is_success()) }
+    })
+    .await
+    .unwrap();
+}
+
+/// Killing and restarting the stack's services, for the failure tests and
+/// the reliability suite (`tests/reliability/`). A restarted service gets the
+/// same environment, port and data as the one it replaces.
 impl Stack {
     /// The guard of the service `name` started last (`gateway`, `dispatcher`, `nomad-standin`).
     fn service(&mut self, name: &str) -> &mut ChildGuard {
         self._processes.iter_mut().rev().find(|p| p.name() == name).unwrap_or_else(|| panic!("no {name} in the stack"))
     }
 
-    /// SIGKILLs the service `name` alone, not its process group: a local
-    /// gpu-task outlives its dispatcher as a Nomad allocation would. Returns
-    /// once it is gone. The old guard stays, so the stack still cleans up.
+    /// SIGKILLs the service `name` alone (no shutdown of any kind), not its
+    /// process group: a local gpu-task outlives its dispatcher as a Nomad
+    /// allocation would. Returns once it is gone. The old guard stays, so
+    /// the stack still cleans up what it left.
     pub async fn kill_service(&mut self, name: &str) {
         let guard = self.service(name);
         let pid = nix::unistd::Pid::from_raw(guard.pid() as i32);
@@ -356,36 +390,50 @@ impl Stack {
         let _ = tokio::time::timeout(Duration::from_secs(10), guard.child_mut().wait()).await;
     }
 
-    fn service_command(&self, bin: &str) -> tokio::process::Command {
-        let mut cmd = tokio::process::Command::new(bin_path(bin));
-        cmd.envs(self.dispatcher_env.iter().map(|(k, v)| (k, v)))
-            .env_remove("GATEWAY_URL")
-            .env_remove("NOMAD_TOKEN")
-            .env_remove("COMFY_MULTI_CONFIG");
-        cmd
-    }
-
     /// Starts `dispatcher run` with the stack's environment plus `extra`.
     pub fn start_dispatcher(&mut self, extra: &[(&str, &str)]) {
-        let mut cmd = self.service_command("dispatcher");
-        cmd.arg("run").envs(extra.iter().copied());
+        let mut cmd = dispatcher_command(&self.dispatcher_env);
+        cmd.envs(extra.iter().copied());
         self._processes.push(spawn_logged(cmd, "dispatcher"));
     }
 
-    /// SIGKILLs the gateway and starts it again on the same port, data dir
-    /// and Redis; returns once it is healthy.
+    /// Starts the gateway (again) on its port, data dir and Redis; returns
+    /// once it is healthy.
+    pub async fn start_gateway(&mut self) {
+        let cmd = gateway_command(&self.dispatcher_env, self.gateway_port, self.gateway_tls.as_ref());
+        self._processes.push(spawn_logged(cmd, "gateway"));
+        wait_healthy(&self.http, &self.gateway_url).await;
+    }
+
+    /// SIGKILLs the gateway and starts it again ([`Stack::start_gateway`]).
     pub async fn restart_gateway(&mut self) {
         self.kill_service("gateway").await;
-        let listen = self.gateway_url.trim_start_matches("http://").to_string();
-        let mut cmd = self.service_command("gateway");
-        cmd.arg("serve").env("GATEWAY_LISTEN", listen);
-        self._processes.push(spawn_logged(cmd, "gateway"));
-        wait_healthy(&self.gateway_url).await;
+        self.start_gateway().await;
+    }
+
+    /// SIGKILLs Redis (no shutdown, no final fsync of the AOF).
+    pub fn kill_redis(&mut self) {
+        self._redis.kill();
+    }
+
+    /// Starts Redis again on its port and dir (it replays its AOF) and waits
+    /// until it answers.
+    pub async fn start_redis(&mut self) -> anyhow::Result<()> {
+        self._redis.restart().await
+    }
+
+    /// The log tail of service `name` (`gateway`, `dispatcher`,
+    /// `redis-server`), for failure messages.
+    pub fn service_log_tail(&mut self, name: &str, lines: usize) -> String {
+        match name {
+            "redis-server" => self._redis.log_tail(lines),
+            _ => self.service(name).log_tail(lines),
+        }
     }
 
     /// The admin page's snapshot (`GET /admin/api/snapshot`).
     pub async fn admin_snapshot(&self) -> Value {
-        let req = reqwest::Client::new().get(format!("{}/admin/api/snapshot", self.gateway_url));
+        let req = self.http.get(format!("{}/admin/api/snapshot", self.gateway_url));
         let res = req.bearer_auth(ADMIN_TOKEN).send().await.unwrap();
         res.error_for_status().unwrap().json().await.unwrap()
     }
@@ -395,7 +443,7 @@ impl Stack {
     /// registered again (a new stand-in knows nothing).
     pub async fn restart_nomad_standin(&mut self) {
         let url = self.nomad_url.clone().expect("a stack with the Nomad stand-in");
-        let mut cmd = self.service_command("nomad-standin");
+        let mut cmd = service_command("nomad-standin", &self.dispatcher_env);
         cmd.args(["--listen", url.trim_start_matches("http://"), "--gpus", "1", "--data-dir"])
             .arg(self._dir.path().join("nomad-again"));
         let (guard, _) = start_listening(cmd, "nomad-standin").await;
@@ -407,15 +455,4 @@ impl Stack {
     pub fn comfyui_url(&self) -> Option<String> {
         self._comfy.as_ref().map(|c| c.url.clone())
     }
-}
-
-/// Waits (up to 30 s) until the gateway at `url` answers `/healthz` with a success.
-pub async fn wait_healthy(url: &str) {
-    let health = format!("{url}/healthz");
-    wait_until("the gateway to be healthy", Duration::from_secs(30), || {
-        let health = health.clone();
-        async move { reqwest::get(health).await.ok().filter(|r| r.status().is_success()) }
-    })
-    .await
-    .unwrap();
 }

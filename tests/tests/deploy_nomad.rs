@@ -829,7 +829,7 @@ fn redis_keeps_an_append_only_file_on_its_host_volume() {
     let args: Vec<String> = args.iter().map(|a| text(resolve(a, &j.vars)).unwrap_or_default()).collect();
     let flag = |name: &str| args.iter().position(|a| a == name).map(|i| args[i + 1].clone());
     assert_eq!(flag("--appendonly").as_deref(), Some("yes"));
-    assert_eq!(flag("--appendfsync").as_deref(), Some("everysec"));
+    assert_eq!(flag("--appendfsync").as_deref(), Some("always"));
     let (_, volume) = blocks(group, "volume")[0];
     assert_eq!(string(must_attr(volume, "source")), "redis-data");
     let (_, mount) = blocks(task, "volume_mount")[0];

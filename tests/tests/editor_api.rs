@@ -173,7 +173,7 @@ impl Gateway {
             .env_remove("NOMAD_TOKEN");
         self.process = Some(spawn_logged(cmd, "gateway"));
         self.url = format!("http://127.0.0.1:{port}");
-        comfy_multi_tests::stack::wait_healthy(&self.url).await;
+        comfy_multi_tests::stack::wait_healthy(&reqwest::Client::new(), &self.url).await;
     }
 
     /// Stops the gateway (SIGKILL: nothing gets a chance to flush) and starts it again.

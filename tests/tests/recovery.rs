@@ -5,22 +5,12 @@
 use std::time::Duration;
 
 use comfy_multi_tests::comfyui::model_free_workflow;
-use comfy_multi_tests::harness::wait_until;
+use comfy_multi_tests::harness::{gpu_task_of, wait_until};
 use comfy_multi_tests::stack::{start, Executor, StackOptions};
 use dispatcher::job::JobState;
 use dispatcher::queue::Store;
 use dispatcher::JobId;
 use serde_json::json;
-
-/// The pid of the gpu-task running job `id` (found by its Nomad meta).
-fn gpu_task_of(id: &str) -> Option<i32> {
-    let needle = format!("NOMAD_META_job_id={id}");
-    std::fs::read_dir("/proc").ok()?.filter_map(Result::ok).find_map(|e| {
-        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
-        let environ = std::fs::read(e.path().join("environ")).ok()?;
-        environ.split(|b| *b == 0).any(|var| var == needle.as_bytes()).then_some(pid)
-    })
-}
 
 async fn kill_run(store: &Store, id: &str, attempt: u32) {
     let pid = wait_until("gpu-task of the attempt to run", Duration::from_secs(30), || {
