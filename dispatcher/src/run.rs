@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use tokio::task::JoinSet;
 
 use crate::executor::{Executor, ExecutorError, Outcome, Started};
@@ -97,14 +97,27 @@ impl Dispatcher {
                         Err(e) => tracing::error!("a job handler panicked: {e}"),
                     }
                 }
-                msg = next_message(&mut wake) => match msg {
-                    None => wake = self.subscribe().await,
-                    Some((channel, payload)) if channel == STOP_CHANNEL => {
-                        let executor = self.executor.clone();
-                        tokio::spawn(async move { stop_run(executor.as_ref(), &payload).await });
+                msg = next_message(&mut wake) => {
+                    // A burst of submits is one look at the queue, not one per submit.
+                    let mut msg = msg;
+                    loop {
+                        match msg {
+                            None => {
+                                wake = self.subscribe().await;
+                                break;
+                            }
+                            Some((channel, payload)) if channel == STOP_CHANNEL => {
+                                let executor = self.executor.clone();
+                                tokio::spawn(async move { stop_run(executor.as_ref(), &payload).await });
+                            }
+                            Some(_) => {}
+                        }
+                        match next_message(&mut wake).now_or_never() {
+                            Some(next) => msg = next,
+                            None => break,
+                        }
                     }
-                    Some(_) => {}
-                },
+                }
                 _ = tokio::time::sleep(pause) => {
                     backoff = None;
                 }
