@@ -34,6 +34,7 @@
 //! | `cm:events:<n>` | channel | progress events for user n's open editors; also [`JOB_ENDED_EVENT`] on every end of one of n's jobs |
 
 use std::collections::BTreeMap;
+use std::sync::LazyLock;
 
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
@@ -151,8 +152,7 @@ if redis.call('ZCARD', 'cm:uq:' .. user) >= max_queued then return {-1, max_queu
 local max_queue = limit('max_queue', ARGV[4])
 if redis.call('ZCARD', 'cm:queue') >= max_queue then return {-2, max_queue} end
 local n = redis.call('INCR', KEYS[1])
-redis.call('HSET', KEYS[2], 'number', n, 'state', 'queued')
-for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+redis.call('HSET', KEYS[2], 'number', n, 'state', 'queued', unpack(ARGV, 5))
 redis.call('ZADD', KEYS[3], n, ARGV[1])
 redis.call('ZADD', KEYS[4], n, ARGV[1])
 redis.call('ZADD', 'cm:uq:' .. user, n, ARGV[1])
@@ -236,6 +236,45 @@ redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 return {1, state}
 "#;
 
+/// The scripts every submit, dispatch, state change and progress event runs,
+/// built (and their SHA1 computed) once.
+static SUBMIT_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(&format!("{LIMIT_LUA}{SUBMIT_LUA}")));
+static POP_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!("{LIMIT_LUA}{PLAN_LUA}{UNQUEUE_LUA}{POP_LUA}"))
+});
+static TRANSITION_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&format!("{UNQUEUE_LUA}{TRANSITION_LUA}")));
+static USER_PENDING_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(USER_PENDING_LUA));
+static SET_IF_IN_FLIGHT_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(SET_IF_IN_FLIGHT_LUA));
+
+/// ARGV: now, default max_running_per_user. Returns the id taken, or nil.
+const POP_LUA: &str = r#"
+if redis.call('EXISTS', 'cm:paused') == 1 then return false end
+local chosen = plan(1, true, limit('max_running_per_user', ARGV[2]))[1]
+if not chosen then return false end
+local key = 'cm:job:' .. chosen
+local user = redis.call('HGET', key, 'user')
+unqueue(chosen, user)
+redis.call('HSET', key, 'state', 'dispatched', 'dispatched_at', ARGV[1])
+redis.call('HINCRBY', key, 'attempts', 1)
+redis.call('SADD', 'cm:inflight', chosen)
+redis.call('HSET', 'cm:served', user, redis.call('INCR', 'cm:serve_seq'))
+return chosen"#;
+
+/// KEYS: the user's line, the in-flight set; ARGV: user.
+const USER_PENDING_LUA: &str = r#"
+local n = redis.call('ZCARD', KEYS[1])
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  if redis.call('HGET', 'cm:job:' .. id, 'user') == ARGV[1] then n = n + 1 end
+end
+return n"#;
+
+/// KEYS: the job. ARGV: field, value. Sets the field only while the job is in flight.
+const SET_IF_IN_FLIGHT_LUA: &str = r#"
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == 'dispatched' or state == 'running' then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+return 0"#;
+
 impl Store {
     /// Connects to Redis at `url` (the connection is re-established by itself
     /// after a Redis restart).
@@ -277,8 +316,7 @@ impl Store {
             ("created_at", created_at.to_string()),
             ("attempts", "0".into()),
         ];
-        let script = Script::new(&format!("{LIMIT_LUA}{SUBMIT_LUA}"));
-        let mut inv = script.prepare_invoke();
+        let mut inv = SUBMIT_SCRIPT.prepare_invoke();
         inv.key(SEQ)
             .key(job_key(&id))
             .key(QUEUE)
@@ -321,37 +359,35 @@ impl Store {
 
     /// The job, or `None` if there is no such job.
     pub async fn get(&self, id: &JobId) -> Result<Option<Job>, QueueError> {
+        Ok(self.get_many(std::slice::from_ref(id)).await?.pop())
+    }
+
+    /// The jobs `ids` that exist, in that order, read in one round trip
+    /// (a pipeline of at most [`READ_BATCH`] jobs at a time).
+    pub async fn get_many(&self, ids: &[JobId]) -> Result<Vec<Job>, QueueError> {
+        let mut jobs = Vec::with_capacity(ids.len());
         let mut conn = self.conn.clone();
-        let (fields, outputs): (BTreeMap<String, String>, BTreeMap<String, String>) = redis::pipe()
-            .hgetall(job_key(id))
-            .hgetall(outputs_key(id))
-            .query_async(&mut conn)
-            .await?;
-        if fields.is_empty() {
-            return Ok(None);
+        for batch in ids.chunks(READ_BATCH) {
+            let mut pipe = redis::pipe();
+            for id in batch {
+                pipe.hgetall(job_key(id)).hgetall(outputs_key(id));
+            }
+            let replies: Vec<BTreeMap<String, String>> = pipe.query_async(&mut conn).await?;
+            let mut replies = replies.into_iter();
+            for id in batch {
+                let (Some(fields), Some(outputs)) = (replies.next(), replies.next()) else { break };
+                if !fields.is_empty() {
+                    jobs.push(decode_job(id, fields, outputs)?);
+                }
+            }
         }
-        decode_job(id, fields, outputs).map(Some)
+        Ok(jobs)
     }
 
     /// Atomically takes the next job in policy order (respecting the
     /// running limit per user and the pause flag) and marks it dispatched.
     pub async fn pop_next(&self) -> Result<Option<Job>, QueueError> {
-        let lua = format!(
-            "{LIMIT_LUA}{PLAN_LUA}{UNQUEUE_LUA}{}",
-            r#"
-if redis.call('EXISTS', 'cm:paused') == 1 then return false end
-local chosen = plan(1, true, limit('max_running_per_user', ARGV[2]))[1]
-if not chosen then return false end
-local key = 'cm:job:' .. chosen
-local user = redis.call('HGET', key, 'user')
-unqueue(chosen, user)
-redis.call('HSET', key, 'state', 'dispatched', 'dispatched_at', ARGV[1])
-redis.call('HINCRBY', key, 'attempts', 1)
-redis.call('SADD', 'cm:inflight', chosen)
-redis.call('HSET', 'cm:served', user, redis.call('INCR', 'cm:serve_seq'))
-return chosen"#
-        );
-        let id: Option<String> = Script::new(&lua)
+        let id: Option<String> = POP_SCRIPT
             .arg(now_ms())
             .arg(self.limits.max_running_per_user)
             .invoke_async(&mut self.conn.clone())
@@ -482,15 +518,7 @@ return chosen"#
     /// Every job ever submitted, oldest first (for reports).
     pub async fn all_jobs(&self) -> Result<Vec<Job>, QueueError> {
         let ids: Vec<String> = self.conn.clone().zrange("cm:jobs", 0, -1).await?;
-        let mut jobs = Vec::with_capacity(ids.len());
-        for id in ids {
-            if let Ok(id) = id.parse::<JobId>() {
-                if let Some(job) = self.get(&id).await? {
-                    jobs.push(job);
-                }
-            }
-        }
-        Ok(jobs)
+        self.get_many(&parse_ids(&ids)).await
     }
 
     /// Moves job `id` to `to`, if the state machine allows it from the state
@@ -528,8 +556,7 @@ return chosen"#
         if let Some(m) = patch.messages {
             fields.push(("messages", Value::Array(m).to_string()));
         }
-        let script = Script::new(&format!("{UNQUEUE_LUA}{TRANSITION_LUA}"));
-        let mut inv = script.prepare_invoke();
+        let mut inv = TRANSITION_SCRIPT.prepare_invoke();
         inv.key(job_key(id))
             .key(QUEUE)
             .key(INFLIGHT)
@@ -634,27 +661,39 @@ return 1"#;
     pub async fn user_jobs(&self, user: u32, limit: usize) -> Result<Vec<Job>, QueueError> {
         let mut conn = self.conn.clone();
         let ids: Vec<String> = conn.zrevrange(user_key(user), 0, limit.max(1) as isize - 1).await?;
-        let mut jobs = Vec::with_capacity(ids.len());
-        for id in ids {
-            if let Ok(id) = id.parse::<JobId>() {
-                if let Some(job) = self.get(&id).await? {
-                    jobs.push(job);
-                }
+        self.get_many(&parse_ids(&ids)).await
+    }
+
+    /// User `user`'s jobs still to finish (queued, dispatched or running),
+    /// newest first. Reads only those (the user's line and the few jobs in
+    /// flight), however long the user's history is.
+    pub async fn user_unfinished(&self, user: u32) -> Result<Vec<Job>, QueueError> {
+        let (queued, inflight): (Vec<String>, Vec<String>) = redis::pipe()
+            .atomic()
+            .zrange(format!("cm:uq:{user}"), 0, -1)
+            .smembers(INFLIGHT)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        let mut ids = parse_ids(&queued);
+        for id in parse_ids(&inflight) {
+            if !ids.contains(&id) {
+                ids.push(id);
             }
         }
+        let mut jobs: Vec<Job> = self
+            .get_many(&ids)
+            .await?
+            .into_iter()
+            .filter(|j| j.user == user && !j.state.is_terminal())
+            .collect();
+        jobs.sort_by_key(|j| std::cmp::Reverse(j.number));
         Ok(jobs)
     }
 
     /// How many of user `user`'s jobs are still to finish (queued, dispatched
     /// or running): their own `queue_remaining`.
     pub async fn user_pending(&self, user: u32) -> Result<u64, QueueError> {
-        let lua = r#"
-local n = redis.call('ZCARD', KEYS[1])
-for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-  if redis.call('HGET', 'cm:job:' .. id, 'user') == ARGV[1] then n = n + 1 end
-end
-return n"#;
-        Ok(Script::new(lua)
+        Ok(USER_PENDING_SCRIPT
             .key(format!("cm:uq:{user}"))
             .key(INFLIGHT)
             .arg(user)
@@ -743,12 +782,12 @@ end
 
     /// Sets one field of a job's record, atomically, only while it is in flight.
     async fn set_if_in_flight(&self, id: &JobId, field: &str, value: &str) -> Result<(), QueueError> {
-        let lua = r#"
-local state = redis.call('HGET', KEYS[1], 'state')
-if state == 'dispatched' or state == 'running' then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
-return 0"#;
-        let _: i64 =
-            Script::new(lua).key(job_key(id)).arg(field).arg(value).invoke_async(&mut self.conn.clone()).await?;
+        let _: i64 = SET_IF_IN_FLIGHT_SCRIPT
+            .key(job_key(id))
+            .arg(field)
+            .arg(value)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
         Ok(())
     }
 
@@ -768,6 +807,14 @@ return 0"#;
     pub async fn ping(&self) -> bool {
         redis::cmd("PING").query_async::<String>(&mut self.conn.clone()).await.is_ok()
     }
+}
+
+/// Jobs read per pipeline by [`Store::get_many`].
+const READ_BATCH: usize = 256;
+
+/// The ids in `raw` that parse (anything else in an index is skipped).
+fn parse_ids(raw: &[String]) -> Vec<JobId> {
+    raw.iter().filter_map(|id| id.parse().ok()).collect()
 }
 
 /// Errors are shown in one line (history, admin page, CLI).

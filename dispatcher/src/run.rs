@@ -29,7 +29,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use tokio::task::JoinSet;
 
 use crate::executor::{Executor, ExecutorError, Outcome, Run, Started};
@@ -180,14 +180,27 @@ impl Dispatcher {
                         Err(e) => tracing::error!("a job handler panicked: {e}"),
                     }
                 }
-                msg = next_message(&mut wake) => match msg {
-                    None => wake = self.subscribe().await,
-                    Some((channel, payload)) if channel == STOP_CHANNEL => {
-                        let executor = self.executor.clone();
-                        tokio::spawn(async move { stop_run(executor.as_ref(), &payload).await });
+                msg = next_message(&mut wake) => {
+                    // A burst of submits is one look at the queue, not one per submit.
+                    let mut msg = msg;
+                    loop {
+                        match msg {
+                            None => {
+                                wake = self.subscribe().await;
+                                break;
+                            }
+                            Some((channel, payload)) if channel == STOP_CHANNEL => {
+                                let executor = self.executor.clone();
+                                tokio::spawn(async move { stop_run(executor.as_ref(), &payload).await });
+                            }
+                            Some(_) => {}
+                        }
+                        match next_message(&mut wake).now_or_never() {
+                            Some(next) => msg = next,
+                            None => break,
+                        }
                     }
-                    Some(_) => {}
-                },
+                }
                 _ = heartbeat.tick() => {
                     if let Err(e) = health::heartbeat(&self.store).await {
                         tracing::warn!("cannot write the heartbeat: {e}");

@@ -37,8 +37,10 @@
 //! `/admin/...` routes use [`Admin`]: the admin token as bearer or a live
 //! `cm_admin` session.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::extract::{FromRequestParts, RawPathParams};
 use axum::http::request::Parts;
@@ -400,6 +402,10 @@ pub enum Via {
     AdminSession,
 }
 
+/// How often one gateway notes a participant as heard from (`cm:seen`, the
+/// admin page's "online", whose window is minutes): not on every request.
+const SEEN_EVERY: Duration = Duration::from_secs(1);
+
 /// Checks access codes, sessions, the admin token and the admin password.
 #[derive(Clone)]
 pub struct Auth {
@@ -408,13 +414,29 @@ pub struct Auth {
     admin_token: Arc<str>,
     /// SHA-256 of `gateway.admin_password`, when one is set.
     admin_password: Option<Arc<[u8]>>,
+    /// When this gateway last noted each participant as heard from.
+    seen: Arc<Mutex<HashMap<u32, Instant>>>,
 }
 
 impl Auth {
     pub fn new(accounts: Accounts, sessions: Sessions, admin_token: String, admin_password: Option<&str>) -> Self {
         let admin_password =
             admin_password.filter(|p| !p.is_empty()).map(|p| Arc::from(Sha256::digest(p.as_bytes()).as_slice()));
-        Auth { accounts, sessions, admin_token: admin_token.into(), admin_password }
+        Auth { accounts, sessions, admin_token: admin_token.into(), admin_password, seen: Arc::default() }
+    }
+
+    /// Whether participant `n`, just heard from, is due to be noted in
+    /// Redis again (at most once per [`SEEN_EVERY`] per gateway).
+    pub fn due_for_seen(&self, n: u32) -> bool {
+        let now = Instant::now();
+        let mut seen = self.seen.lock().expect("seen lock");
+        match seen.get(&n) {
+            Some(last) if now.duration_since(*last) < SEEN_EVERY => false,
+            _ => {
+                seen.insert(n, now);
+                true
+            }
+        }
     }
 
     pub fn accounts(&self) -> &Accounts {
@@ -584,7 +606,7 @@ impl FromRequestParts<AppState> for Participant {
         let n: u32 = raw.parse().map_err(|_| ApiError::NotFound(format!("there is no participant {raw:?}")))?;
         let via = state.auth.authorize(n, &parts.headers).await?;
         // "Online" on the admin page; the instructor acting as n does not count.
-        if matches!(via, Via::Code | Via::Session) {
+        if matches!(via, Via::Code | Via::Session) && state.auth.due_for_seen(n) {
             let _ = state.store.touch_user(n).await;
         }
         Ok(Participant(n))

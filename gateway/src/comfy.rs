@@ -98,13 +98,13 @@ async fn queue_prompt(user: u32, state: &AppState, request: Request) -> Result<J
 
 /// `GET /prompt`: the user's own jobs still to finish.
 async fn prompt_status(Participant(user): Participant, State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let remaining = state.store.user_jobs(user, 1000).await?.iter().filter(|j| !j.state.is_terminal()).count();
+    let remaining = state.store.user_pending(user).await?;
     Ok(Json(json!({ "exec_info": { "queue_remaining": remaining } })))
 }
 
 /// `GET /queue`: the user's own running and pending jobs.
 async fn queue(Participant(user): Participant, State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let mut jobs = state.store.user_jobs(user, 1000).await?;
+    let mut jobs = state.store.user_unfinished(user).await?;
     jobs.reverse();
     let tuple = |j: &Job| json!([j.number, j.id, j.workflow, j.extra_data, output_nodes(j)]);
     let running: Vec<Value> = jobs.iter().filter(|j| j.state.is_in_flight()).map(tuple).collect();
@@ -259,7 +259,7 @@ async fn queue_delete(
     JsonBody(edit): JsonBody<QueueEdit>,
 ) -> Result<Json<Value>, ApiError> {
     let ids: Vec<String> = if edit.clear {
-        let jobs = state.store.user_jobs(user, 1000).await?;
+        let jobs = state.store.user_unfinished(user).await?;
         jobs.iter().filter(|j| j.state == JobState::Queued).map(|j| j.id.to_string()).collect()
     } else {
         edit.delete
@@ -289,7 +289,7 @@ async fn interrupt(
     let wanted = body.and_then(|JsonBody(b)| b.prompt_id);
     let targets: Vec<Job> = match wanted {
         Some(id) => vec![own_job(&state, user, &id).await?],
-        None => state.store.user_jobs(user, 1000).await?.into_iter().filter(|j| j.state.is_in_flight()).collect(),
+        None => state.store.user_unfinished(user).await?.into_iter().filter(|j| j.state.is_in_flight()).collect(),
     };
     for job in targets.iter().filter(|j| j.state.is_in_flight()) {
         state.store.cancel(&job.id, Some(user)).await?;

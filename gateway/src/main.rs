@@ -62,6 +62,13 @@ enum UsersCommand {
     Enable { user: u32 },
 }
 
+/// mimalloc rather than glibc's malloc: a request allocates and frees many
+/// small objects (JSON, headers, Redis replies), and glibc's malloc and free
+/// were a quarter of the gateway's CPU under load (`scripts/bench.sh` with
+/// `BENCH_PERF=1`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     dispatcher::init_tracing();

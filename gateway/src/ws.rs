@@ -71,7 +71,7 @@
 //! of its participant's channel only, so routing is by construction.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, LazyLock, Mutex, OnceLock};
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
@@ -107,6 +107,10 @@ const CHANNEL_CAPACITY: usize = 1024;
 const IDS_PER_USER: usize = 32;
 /// How long held-back messages of a job stay in Redis at most.
 const HELD_TTL_SECS: i64 = 24 * 3600;
+/// Read buffer of a socket: the editor sends next to nothing (one
+/// `feature_flags`), and 100 sockets with the default 128 KiB each would
+/// cost megabytes.
+const READ_BUFFER_BYTES: usize = 4 * 1024;
 /// How long a new socket waits for the Redis subscription to be in place.
 const READY_WAIT: Duration = Duration::from_secs(5);
 /// `type` of the Redis envelope that carries a binary preview frame
@@ -207,6 +211,11 @@ impl Events {
         self.inner.users.lock().expect("users lock").get(&user).is_some_and(|tx| tx.receiver_count() > 0)
     }
 
+    /// Whether any participant has a socket on this gateway.
+    fn any_listening(&self) -> bool {
+        self.inner.users.lock().expect("users lock").values().any(|tx| tx.receiver_count() > 0)
+    }
+
     /// Participants with a socket on this gateway.
     fn local_users(&self) -> Vec<u32> {
         let mut users = self.inner.users.lock().expect("users lock");
@@ -298,7 +307,11 @@ struct Kind {
 /// One message from Redis.
 async fn on_message(state: &AppState, channel: &str, payload: String) {
     if channel == WAKE_CHANNEL {
-        // A submit or a requeue: the payload is the job id.
+        // A submit or a requeue: the payload is the job id. Whose it is
+        // matters only when somebody's editor is open here.
+        if !state.events.any_listening() {
+            return;
+        }
         let Ok(id) = payload.parse::<JobId>() else { return };
         let owner: redis::RedisResult<Option<u32>> =
             state.auth.accounts_conn().hget(format!("cm:job:{id}"), "user").await;
@@ -439,9 +452,10 @@ pub async fn job_started(state: &AppState, job: &Job) -> Result<(), ApiError> {
 /// Relays one message gpu-task sent (its `prompt_id` already the job id) to
 /// the participant's editors, or holds it back (see the module doc).
 pub async fn relay(state: &AppState, job: &Job, mut message: Value) -> Result<(), ApiError> {
-    let hold_now = rewrite_outputs(&mut message, &job.id);
-    let script = redis::Script::new(
-        r#"
+    // Built once: every message gpu-task relays runs it.
+    static SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| {
+        redis::Script::new(
+            r#"
         if ARGV[3] == '1' or redis.call('EXISTS', KEYS[1]) == 1 then
           redis.call('RPUSH', KEYS[1], ARGV[2])
           redis.call('EXPIRE', KEYS[1], ARGV[5])
@@ -451,8 +465,10 @@ pub async fn relay(state: &AppState, job: &Job, mut message: Value) -> Result<()
         if ARGV[4] ~= '' then redis.call('HSET', KEYS[2], ARGV[4], '1') end
         return 0
         "#,
-    );
-    let _: i64 = script
+        )
+    });
+    let hold_now = rewrite_outputs(&mut message, &job.id);
+    let _: i64 = SCRIPT
         .key(held_key(&job.id))
         .key(format!("cm:job:{}", job.id))
         .arg(events_channel(job.user))
@@ -531,7 +547,7 @@ async fn websocket(
     let wanted = query.client_id;
     let sid = state.events.client_id(user, wanted.as_deref());
     state.events.ensure_listening(&state).await;
-    Ok(ws.on_upgrade(move |socket| serve(socket, state, user, sid, headers)))
+    Ok(ws.read_buffer_size(READ_BUFFER_BYTES).on_upgrade(move |socket| serve(socket, state, user, sid, headers)))
 }
 
 async fn serve(mut socket: WebSocket, state: AppState, user: u32, sid: String, headers: HeaderMap) {

@@ -283,6 +283,15 @@ impl Stack {
         &self._processes
     }
 
+    /// The pid of the stack's process named `name` (`gateway`, `dispatcher`,
+    /// `nomad-standin`, `redis-server`), e.g. to read its `/proc` figures.
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        if name == "redis-server" {
+            return self._redis.child().map(|c| c.pid());
+        }
+        self._processes.iter().rev().find(|p| p.name() == name).map(|p| p.pid())
+    }
+
     pub fn code(&self, user: u32) -> &str {
         &self.codes.iter().find(|(n, _)| *n == user).expect("a code for every participant").1
     }

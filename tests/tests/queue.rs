@@ -108,6 +108,37 @@ async fn requeue_keeps_the_place_in_line() {
 }
 
 #[tokio::test]
+async fn a_users_unfinished_jobs_are_read_without_their_history() {
+    let redis = Redis::start().await.unwrap();
+    let roomy = Limits { max_queued_per_user: 100, max_running_per_user: 1, max_queue: 1000 };
+    let store = Store::connect(&redis.url).await.unwrap().with_limits(roomy);
+    let done = store.submit(new_job(1)).await.unwrap();
+    let other = store.submit(new_job(2)).await.unwrap();
+    let running = store.submit(new_job(1)).await.unwrap();
+    let waiting = store.submit(new_job(1)).await.unwrap();
+    assert_eq!(store.pop_next().await.unwrap().unwrap().id, done.id);
+    store.transition(&done.id, JobState::Running, Patch::default()).await.unwrap();
+    store.transition(&done.id, JobState::Succeeded, Patch::default()).await.unwrap();
+    assert_eq!(store.pop_next().await.unwrap().unwrap().id, other.id);
+    assert_eq!(store.pop_next().await.unwrap().unwrap().id, running.id);
+
+    let unfinished = store.user_unfinished(1).await.unwrap();
+    let ids: Vec<_> = unfinished.iter().map(|j| j.id).collect();
+    assert_eq!(ids, vec![waiting.id, running.id], "newest first; not the finished one, not user 2's");
+    assert_eq!(unfinished[1].state, JobState::Dispatched);
+    assert_eq!(unfinished[0].workflow, waiting.workflow);
+    assert_eq!(store.user_pending(1).await.unwrap(), 2);
+
+    // Read in one go, in the order asked, skipping ids that are not jobs.
+    let missing = dispatcher::JobId::new_v4();
+    let many = store.get_many(&[other.id, missing, done.id]).await.unwrap();
+    assert_eq!(many.iter().map(|j| j.id).collect::<Vec<_>>(), vec![other.id, done.id]);
+    assert_eq!(many[1].state, JobState::Succeeded);
+    let history = store.user_jobs(1, 2).await.unwrap();
+    assert_eq!(history.iter().map(|j| j.id).collect::<Vec<_>>(), vec![waiting.id, running.id]);
+}
+
+#[tokio::test]
 async fn outputs_attach_once_and_only_in_flight() {
     let redis = Redis::start().await.unwrap();
     let store = Store::connect(&redis.url).await.unwrap();
