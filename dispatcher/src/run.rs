@@ -456,7 +456,10 @@ async fn follow(store: &Store, executor: &dyn Executor, id: &JobId, started: &St
     let mut delay = MIN_BACKOFF;
     let outcome = loop {
         match executor.wait(started).await {
-            Ok(outcome) => break outcome,
+            Ok(outcome) => {
+                note_remote(store, executor, Ok(())).await;
+                break outcome;
+            }
             Err(e) => {
                 tracing::warn!(job = %id, "cannot follow the job, retrying: {e}");
                 note_remote(store, executor, Err(e.to_string())).await;

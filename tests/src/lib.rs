@@ -13,10 +13,12 @@
 //! - [`browser`]: drives Debian's chromium through the `tests/browser/` scripts.
 //! - [`stack`]: the whole local stack as real processes, for end-to-end tests.
 //! - [`tls`]: certificates made at test time for the gateway's HTTPS.
+//! - [`proxy`]: a TCP proxy a test cuts to make Nomad or Consul unreachable.
 
 pub mod browser;
 pub mod comfyui;
 pub mod harness;
 pub mod nomad;
+pub mod proxy;
 pub mod stack;
 pub mod tls;

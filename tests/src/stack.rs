@@ -13,6 +13,7 @@ use tokio::io::AsyncBufReadExt;
 use crate::comfyui::{ComfyUi, Options};
 use crate::harness::{bin_path, free_port, spawn_logged, wait_until, ChildGuard, Consul, Redis};
 use crate::nomad::dev_agent::{nomad_binary, DevAgent};
+use crate::proxy::Proxy;
 
 /// The internal secret every stack shares with its gpu-tasks.
 pub const INTERNAL_SECRET: &str = "e2e-internal-secret";
@@ -47,6 +48,9 @@ pub struct StackOptions {
     /// Redis's AOF `appendfsync` policy: `always`, as deployed, by default
     /// (the reliability suite can run `everysec` to show what it loses).
     pub redis_appendfsync: &'static str,
+    /// The services reach Nomad and Consul through [`Proxy`]s the test can
+    /// cut ([`Stack::nomad_proxy`], [`Stack::consul_proxy`]).
+    pub proxies: bool,
 }
 
 impl StackOptions {
@@ -59,6 +63,7 @@ impl StackOptions {
             env: Vec::new(),
             tls: None,
             redis_appendfsync: "always",
+            proxies: false,
         }
     }
 }
@@ -81,6 +86,11 @@ pub struct Stack {
     pub data_dir: PathBuf,
     /// Nomad's address, with a Nomad executor.
     pub nomad_url: Option<String>,
+    /// With [`StackOptions::proxies`] and a Nomad executor: the services'
+    /// way to Nomad (`nomad_url` is the direct one, for the test).
+    pub nomad_proxy: Option<Proxy>,
+    /// With [`StackOptions::proxies`]: the services' way to Consul.
+    pub consul_proxy: Option<Proxy>,
     _comfy: Option<ComfyUi>,
     _nomad: Option<DevAgent>,
     _processes: Vec<ChildGuard>,
@@ -118,10 +128,14 @@ pub async fn stack_with(executor: Executor, comfyui_url: Option<String>) -> Stac
 
 /// Starts a stack.
 pub async fn start(opts: StackOptions) -> Stack {
-    let StackOptions { executor, comfyui_url, node_delay, participants, env: extra_env, tls, redis_appendfsync } = opts;
+    let StackOptions { executor, comfyui_url, node_delay, participants, env: extra_env, tls, redis_appendfsync, proxies } = opts;
     let dir = tempfile::tempdir().unwrap();
     let redis = Redis::start_with_appendfsync(redis_appendfsync).await.unwrap();
     let consul = Consul::start().await.unwrap();
+    let consul_proxy = match proxies {
+        true => Some(Proxy::start(([127, 0, 0, 1], consul.http_port).into()).await.unwrap()),
+        false => None,
+    };
     let http = match &tls {
         Some(files) => crate::tls::client(&std::fs::read_to_string(&files.ca).unwrap()),
         None => reqwest::Client::new(),
@@ -156,7 +170,7 @@ pub async fn start(opts: StackOptions) -> Stack {
     let mut env: Vec<(String, String)> = [
         ("REDIS_URL", redis.url.clone()),
         ("DATA_DIR", data_dir.display().to_string()),
-        ("CONSUL_HTTP_ADDR", consul.addr.clone()),
+        ("CONSUL_HTTP_ADDR", consul_proxy.as_ref().map_or(consul.addr.clone(), Proxy::url)),
         ("INTERNAL_SECRET", INTERNAL_SECRET.to_string()),
         ("ADMIN_TOKEN", ADMIN_TOKEN.to_string()),
         ("PARTICIPANTS", participants.to_string()),
@@ -203,9 +217,14 @@ pub async fn start(opts: StackOptions) -> Stack {
             real_nomad = Some(agent);
         }
     }
+    let mut nomad_proxy = None;
+    if let (Some(url), true) = (&nomad_addr, proxies) {
+        let upstream = url.trim_start_matches("http://").parse().expect("Nomad at http://IP:PORT");
+        nomad_proxy = Some(Proxy::start(upstream).await.unwrap());
+    }
     if let Some(url) = &nomad_addr {
         env.push(("EXECUTOR".into(), "nomad".into()));
-        env.push(("NOMAD_ADDR".into(), url.clone()));
+        env.push(("NOMAD_ADDR".into(), nomad_proxy.as_ref().map_or(url.clone(), Proxy::url)));
     }
     processes.push(spawn_logged(gateway_command(&env, gateway_port, tls.as_ref()), "gateway"));
     wait_healthy(&http, &gateway_url).await;
@@ -241,6 +260,8 @@ pub async fn start(opts: StackOptions) -> Stack {
         redis_url: redis.url.clone(),
         data_dir,
         nomad_url: nomad_addr,
+        nomad_proxy,
+        consul_proxy,
         _comfy: comfy,
         _nomad: real_nomad,
         _processes: processes,

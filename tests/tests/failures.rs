@@ -1,7 +1,9 @@
 //! Failure handling against the whole stack, with real processes killed for
 //! real: a dispatcher SIGKILLed at any point neither loses nor duplicates a
 //! job (reconciliation), Nomad going away keeps the queue and `/healthz`
-//! says so, an unreachable ComfyUI fails a run fast and the job is retried,
+//! says so (also when the link to Nomad breaks while a run is followed,
+//! through a cut-able proxy), an unreachable Consul leaves the gateway
+//! serving, an unreachable ComfyUI fails a run fast and the job is retried,
 //! and a gateway restart keeps sessions, queue, history and outputs.
 
 use std::time::{Duration, Instant};
@@ -169,6 +171,83 @@ async fn nomad_unreachable_keeps_the_queue_and_healthz_says_what_is_down() {
     stack.kill_service("dispatcher").await;
     let health = wait_health(&stack, "dispatcher", "down").await;
     assert!(health["problems"].to_string().contains("The dispatcher is not running"), "{health:#}");
+}
+
+#[tokio::test]
+async fn nomad_unreachable_while_a_run_is_followed_neither_stops_nor_repeats_it() {
+    // The link to Nomad breaks, not Nomad: the stand-in and the gpu-task it
+    // runs go on, as on a real cluster seen across a network outage.
+    let opts = StackOptions {
+        node_delay: Duration::from_millis(2500),
+        proxies: true,
+        // Only the follow may tell that Nomad is gone (a reconciliation
+        // pass would tell too, but its turn comes too late to prove that).
+        env: vec![("RECONCILE_SECONDS".into(), "3600".into())],
+        ..StackOptions::new(Executor::Nomad)
+    };
+    let stack = start(opts).await;
+    let store = Store::connect(&stack.redis_url).await.unwrap();
+    let link = stack.nomad_proxy.as_ref().expect("a proxy to Nomad");
+
+    let running = stack.submit(1, workflow(11)).await;
+    wait_state(&store, &running, JobState::Running).await;
+    link.cut();
+    // Participants still submit; with the one slot taken by the followed
+    // run, the new job waits in the queue.
+    let waiting = stack.submit(2, workflow(12)).await;
+    let health = wait_health(&stack, "nomad", "down").await;
+    assert!(health["components"]["nomad"]["error"].as_str().unwrap_or("").contains("cannot reach Nomad"), "{health:#}");
+    // Seen by the follow itself (within FOLLOW_PATIENCE), not only by the
+    // next reconciliation: the run is still going.
+    assert_eq!(job(&store, &running).await.state, JobState::Running, "told while the run goes on");
+    let snapshot = stack.admin_snapshot().await;
+    assert_eq!(snapshot["health"]["components"]["nomad"]["status"], "down", "the admin page's banner");
+
+    // gpu-task reports to the gateway, not through Nomad: the run ends well
+    // while the dispatcher still cannot see its end.
+    let entry = stack.finished(1, &running).await;
+    assert_eq!(entry["status"]["status_str"], "success", "{entry:#}");
+    let (_, health) = healthz(&stack).await;
+    assert_eq!(health["components"]["nomad"]["status"], "down", "still cut: {health:#}");
+    let queued = job(&store, &waiting).await;
+    assert_eq!((queued.state, queued.attempts), (JobState::Queued, 0), "nothing dispatched while Nomad is cut");
+    assert_eq!(nomad_children(&stack, &running).await, 1, "one child while cut");
+    assert_eq!(nomad_children(&stack, &waiting).await, 0, "no child for the waiting job yet");
+
+    link.restore();
+    assert_ran_once(&stack, &store, 1, &running, "followed across the outage").await;
+    assert_ran_once(&stack, &store, 2, &waiting, "submitted during the outage").await;
+    wait_health(&stack, "nomad", "up").await;
+    assert!(store.inflight().await.unwrap().is_empty(), "nothing left in flight");
+}
+
+#[tokio::test]
+async fn consul_unreachable_the_gateway_keeps_serving_and_healthz_says_so() {
+    let opts = StackOptions { proxies: true, ..StackOptions::new(Executor::Local) };
+    let mut stack = start(opts).await;
+    let store = Store::connect(&stack.redis_url).await.unwrap();
+    wait_health(&stack, "consul", "up").await;
+    // Without Consul gpu-task cannot find ComfyUI (the case above): keep
+    // the job from running until Consul is back.
+    stack.kill_service("dispatcher").await;
+    let link = stack.consul_proxy.as_ref().expect("a proxy to Consul");
+
+    link.cut();
+    let health = wait_health(&stack, "consul", "down").await;
+    assert!(health["components"]["consul"]["error"].as_str().unwrap_or("").contains("no answer"), "{health:#}");
+    assert!(health["problems"].to_string().contains("Consul"), "{health:#}");
+    let snapshot = stack.admin_snapshot().await;
+    assert_eq!(snapshot["cluster"]["consul_reachable"], false, "the admin page's banner: {:#}", snapshot["cluster"]);
+    // The gateway keeps serving: participants log in, submit, see the queue.
+    let id = stack.submit(1, workflow(13)).await;
+    let queue: Value = stack.get(1, "queue").send().await.unwrap().json().await.unwrap();
+    assert!(queue.to_string().contains(&id), "the job is in the participant's queue: {queue:#}");
+    assert_eq!(job(&store, &id).await.state, JobState::Queued);
+
+    stack.consul_proxy.as_ref().unwrap().restore();
+    wait_health(&stack, "consul", "up").await;
+    stack.start_dispatcher(&[]);
+    assert_ran_once(&stack, &store, 1, &id, "submitted while Consul was unreachable").await;
 }
 
 #[tokio::test]

@@ -7,6 +7,8 @@
 //! idempotency token is the job id and attempt ([`super::dispatch_token`]), so a dispatcher that restarts mid-dispatch
 //! gets the same child back instead of running the workflow twice.
 
+use std::time::Duration;
+
 use async_trait::async_trait;
 
 use super::{attempt_of_token, meta_for, payload_for, Executor, ExecutorError, Outcome, Run, Started};
@@ -23,11 +25,17 @@ pub struct NomadExecutor {
     job: String,
 }
 
+/// How long [`Executor::wait`] retries Nomad by itself before it returns
+/// the error: a blip passes unseen, an outage reaches the dispatch loop,
+/// which keeps retrying and tells `/healthz` that Nomad is down.
+pub const FOLLOW_PATIENCE: Duration = Duration::from_secs(5);
+
 impl NomadExecutor {
-    /// An executor dispatching the parameterized job `job` through `client`.
+    /// An executor dispatching the parameterized job `job` through `client`
+    /// (following runs with [`FOLLOW_PATIENCE`]).
     pub fn new(client: NomadClient, job: impl Into<String>) -> Self {
         NomadExecutor {
-            client,
+            client: client.with_patience(FOLLOW_PATIENCE),
             job: job.into(),
         }
     }
