@@ -13,7 +13,8 @@
 #
 # Environment: BENCH_SECONDS (each wrk run, default 30), BENCH_FANOUT_SECONDS
 # (default 20), BENCH_JOBS (jobs run for the idle gap and the reaction,
-# default 40), CARGO_TARGET_DIR (default: the repository's target/).
+# default 40), BENCH_ONLY, BENCH_PERF, BENCH_APPENDFSYNC (see
+# tests/benches/stack.rs), CARGO_TARGET_DIR (default: the repository's target/).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

@@ -18,7 +18,8 @@
 //!
 //! Environment: `BENCH_SECONDS` (each wrk run, default 30),
 //! `BENCH_FANOUT_SECONDS` (default 20), `BENCH_JOBS` (jobs run for the idle
-//! gap and the reaction, default 40), `BENCH_ONLY` (a comma list of
+//! gap and the reaction, default 40), `BENCH_APPENDFSYNC` (Redis's AOF policy:
+//! `always`, as deployed, by default; `everysec` to see what it costs), `BENCH_ONLY` (a comma list of
 //! `sockets`, `gap`, `lookups`, `submit`, `reaction`: only those), `BENCH_PERF`
 //! (set: print the gateway's hottest functions under each HTTP load, from
 //! `perf record -e cpu-clock`).
@@ -47,9 +48,15 @@ async fn main() -> anyhow::Result<()> {
     let seconds = env_u64("BENCH_SECONDS", 30);
     let fanout_seconds = env_u64("BENCH_FANOUT_SECONDS", 20);
     let jobs = env_u64("BENCH_JOBS", 40) as usize;
+    let appendfsync = match std::env::var("BENCH_APPENDFSYNC").as_deref() {
+        Ok("everysec") => "everysec",
+        Ok("no") => "no",
+        Ok("always") | Err(_) => "always",
+        Ok(other) => anyhow::bail!("BENCH_APPENDFSYNC={other}: expected always, everysec or no"),
+    };
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
-        "# comfy-multi bench: {} cores, load average {} (other work on the machine skews wall-clock figures)",
+        "# comfy-multi bench: {} cores, load average {} (other work on the machine skews wall-clock figures), Redis appendfsync {appendfsync}",
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
     );
@@ -57,7 +64,11 @@ async fn main() -> anyhow::Result<()> {
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let run = |part: &str| only.is_empty() || only.split(',').any(|p| p.trim() == part);
     if run("sockets") || run("gap") || run("lookups") || run("submit") {
-        let stack = stack::start(StackOptions { participants: 100, ..StackOptions::new(Executor::Local) }).await;
+        let stack = stack::start(StackOptions {
+            participants: 100,
+            redis_appendfsync: appendfsync,
+            ..StackOptions::new(Executor::Local)
+        }).await;
         let gateway = stack.pid("gateway").context("the gateway's pid")?;
         let store = Store::connect(&stack.redis_url).await?;
         figure("gateway_rss_idle", rss_mb(gateway)?, "MB", "just started, no client");
@@ -75,7 +86,11 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     if run("reaction") {
-        let stack = stack::start(StackOptions { participants: 20, ..StackOptions::new(Executor::Nomad) }).await;
+        let stack = stack::start(StackOptions {
+            participants: 20,
+            redis_appendfsync: appendfsync,
+            ..StackOptions::new(Executor::Nomad)
+        }).await;
         let store = Store::connect(&stack.redis_url).await?;
         reaction(&stack, &store, jobs).await?;
     }
