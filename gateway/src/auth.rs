@@ -662,6 +662,27 @@ impl FromRequestParts<AppState> for Admin {
     }
 }
 
+/// Refuses a request whose `Origin` names another host than the one it was
+/// sent to: a page elsewhere must not use a participant's or the
+/// instructor's cookie. `what` names what was asked for, for the message.
+pub fn same_origin(headers: &axum::http::HeaderMap, what: &str) -> Result<(), ApiError> {
+    use axum::http::header;
+    let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+        return Ok(());
+    };
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    let origin_host = origin.split_once("://").map(|(_, rest)| rest).unwrap_or(origin).trim_end_matches('/');
+    if !host.is_empty() && origin_host.eq_ignore_ascii_case(host) {
+        Ok(())
+    } else {
+        Err(ApiError::Limit {
+            kind: "cross_origin",
+            message: format!("a page from {origin} may not use {what}; open it at this gateway"),
+            status: axum::http::StatusCode::FORBIDDEN,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -700,26 +721,5 @@ mod tests {
         assert_eq!(bearer_of(&h), None);
         h.insert(header::AUTHORIZATION, "Bearer ".parse().unwrap());
         assert_eq!(bearer_of(&h), None);
-    }
-}
-
-/// Refuses a request whose `Origin` names another host than the one it was
-/// sent to: a page elsewhere must not use a participant's or the
-/// instructor's cookie. `what` names what was asked for, for the message.
-pub fn same_origin(headers: &axum::http::HeaderMap, what: &str) -> Result<(), ApiError> {
-    use axum::http::header;
-    let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
-        return Ok(());
-    };
-    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or_default();
-    let origin_host = origin.split_once("://").map(|(_, rest)| rest).unwrap_or(origin).trim_end_matches('/');
-    if !host.is_empty() && origin_host.eq_ignore_ascii_case(host) {
-        Ok(())
-    } else {
-        Err(ApiError::Limit {
-            kind: "cross_origin",
-            message: format!("a page from {origin} may not use {what}; open it at this gateway"),
-            status: axum::http::StatusCode::FORBIDDEN,
-        })
     }
 }

@@ -114,7 +114,6 @@ async fn comfyui(node_delay: Duration) -> Comfy {
         output_dir: dirs.path().join("output"),
         input_dir: dirs.path().join("input"),
         node_delay,
-        ..Default::default()
     };
     std::fs::create_dir_all(&opts.output_dir).unwrap();
     std::fs::create_dir_all(&opts.input_dir).unwrap();

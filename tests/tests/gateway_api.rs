@@ -90,7 +90,9 @@ async fn bad_submissions_get_clear_errors_and_store_nothing() {
     let code = gw.code(2);
     let good = json!({"1": {"class_type": "EmptyImage", "inputs": {}}, "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0]}}});
 
-    let cases: Vec<(&str, u32, Option<String>, Vec<u8>, StatusCode)> = vec![
+    // (what, participant, bearer code, body, expected status)
+    type Case = (&'static str, u32, Option<String>, Vec<u8>, StatusCode);
+    let cases: Vec<Case> = vec![
         ("malformed JSON", 2, Some(code.clone()), b"{\"prompt\": {".to_vec(), StatusCode::BAD_REQUEST),
         ("not an object", 2, Some(code.clone()), b"[1,2,3]".to_vec(), StatusCode::BAD_REQUEST),
         ("no prompt", 2, Some(code.clone()), b"{\"client_id\": \"x\"}".to_vec(), StatusCode::BAD_REQUEST),
