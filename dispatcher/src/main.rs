@@ -90,6 +90,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run => {
             let store = Store::connect(&config.redis_url).await?.with_limits(config.queue.limits());
             store.init_mode(config.queue.mode).await?;
+            store.keep_alive(dispatcher::queue::KEEP_ALIVE_EVERY);
             let executor: Arc<dyn Executor> = match config.dispatcher.executor {
                 ExecutorKind::Local => {
                     let work_dir = config

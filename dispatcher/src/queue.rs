@@ -35,6 +35,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
+use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
@@ -281,8 +282,8 @@ impl Store {
     pub async fn connect(url: &str) -> Result<Store, QueueError> {
         let client = redis::Client::open(url)?;
         let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(std::time::Duration::from_secs(5)))
-            .set_response_timeout(Some(std::time::Duration::from_secs(10)));
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_response_timeout(Some(Duration::from_secs(10)));
         let conn = ConnectionManager::new_with_config(client.clone(), config).await?;
         Ok(Store { conn, client, limits: Limits::default() })
     }
@@ -807,6 +808,29 @@ end
     pub async fn ping(&self) -> bool {
         redis::cmd("PING").query_async::<String>(&mut self.conn.clone()).await.is_ok()
     }
+
+    /// Keeps this store's connection alive ([`keep_alive`]).
+    pub fn keep_alive(&self, every: Duration) -> tokio::task::JoinHandle<()> {
+        keep_alive(self.conn.clone(), every)
+    }
+}
+
+/// How often the long-running services ping Redis ([`keep_alive`]).
+pub const KEEP_ALIVE_EVERY: Duration = Duration::from_secs(1);
+
+/// Pings `conn` every `every` for as long as the task runs. A connection to
+/// a Redis that restarted is found dead only when a command fails on it (the
+/// manager then reconnects in the background); with this, that command is a
+/// ping, not a participant's request.
+pub fn keep_alive(conn: ConnectionManager, every: Duration) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let _ = redis::cmd("PING").query_async::<String>(&mut conn.clone()).await;
+        }
+    })
 }
 
 /// Jobs read per pipeline by [`Store::get_many`].

@@ -111,6 +111,9 @@ async fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
         .with_limits(config.queue.limits());
     store.init_mode(config.queue.mode).await?;
     let auth_conn = redis::aio::ConnectionManager::new(store.client().clone()).await?;
+    // Find a connection to a restarted Redis dead with a ping, not a participant's request.
+    store.keep_alive(dispatcher::queue::KEEP_ALIVE_EVERY);
+    dispatcher::queue::keep_alive(auth_conn.clone(), dispatcher::queue::KEEP_ALIVE_EVERY);
     let accounts = Accounts::new(auth_conn.clone(), config.gateway.participants, &data_dir);
     let participants = accounts.init(true).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     tracing::info!(participants, "participants");

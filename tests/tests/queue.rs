@@ -3,7 +3,9 @@
 
 use std::collections::HashSet;
 
-use comfy_multi_tests::harness::Redis;
+use std::time::Duration;
+
+use comfy_multi_tests::harness::{wait_until, Redis};
 use dispatcher::job::{FileRef, JobState};
 use dispatcher::policy::Limits;
 use dispatcher::queue::{NewJob, Patch, QueueError, Store};
@@ -177,4 +179,31 @@ async fn jobs_survive_a_redis_restart() {
     assert_eq!(back.state, JobState::Queued);
     assert_eq!(store.get(&running.id).await.unwrap().unwrap().state, JobState::Running);
     assert_eq!(store.pop_next().await.unwrap().unwrap().id, queued.id);
+}
+
+/// A store kept alive finds its connection to a restarted Redis dead by
+/// itself and reconnects, so the first command after the restart (a
+/// participant's request) succeeds instead of failing with a broken pipe.
+#[tokio::test]
+async fn a_kept_alive_store_reconnects_before_it_is_asked() {
+    let mut redis = Redis::start().await.unwrap();
+    let store = Store::connect(&redis.url).await.unwrap();
+    let _keep_alive = store.keep_alive(Duration::from_millis(100));
+    store.submit(new_job(1)).await.unwrap();
+    redis.restart().await.unwrap();
+
+    // The new Redis sees the store connect again (the probe is the other client).
+    let probe = redis::Client::open(redis.url.as_str()).unwrap();
+    wait_until("the store to reconnect to the restarted Redis", Duration::from_secs(10), || {
+        let probe = probe.clone();
+        async move {
+            let mut con = probe.get_multiplexed_async_connection().await.ok()?;
+            let info: String = redis::cmd("INFO").arg("clients").query_async(&mut con).await.ok()?;
+            let clients: u32 = info.lines().find_map(|l| l.strip_prefix("connected_clients:"))?.trim().parse().ok()?;
+            (clients >= 2).then_some(())
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(store.queued_count().await.unwrap(), 1, "the first command after the restart succeeds");
 }
