@@ -435,10 +435,6 @@ async fn handle(store: Store, executor: Arc<dyn Executor>, job: Job, max_attempt
 async fn resume(store: Store, executor: Arc<dyn Executor>, job: Job, max_attempts: u32) -> Handled {
     match job.executor_ref.clone() {
         Some(executor_ref) => {
-            // Cancelled while no dispatcher listened: the stop was never sent.
-            if job.cancel_requested {
-                stop_run(executor.as_ref(), &executor_ref).await;
-            }
             let started = Started { executor_ref, index: 0 };
             follow(&store, executor.as_ref(), &job.id, &started, max_attempts).await;
         }

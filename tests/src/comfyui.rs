@@ -93,13 +93,8 @@ impl Options {
 /// The output is cyan (0, 255, 255) above and left of (64, 64) and grey
 /// (127, 127, 127) from there on.
 pub fn model_free_workflow() -> serde_json::Value {
-    serde_json::json!({
-        "1": {"class_type": "EmptyImage", "inputs": {"width": 512, "height": 512, "batch_size": 1, "color": 16711680}},
-        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
-        "3": {"class_type": "SolidMask", "inputs": {"value": 0.5, "width": 512, "height": 512}},
-        "4": {"class_type": "MaskToImage", "inputs": {"mask": ["3", 0]}},
-        "5": {"class_type": "ImageCompositeMasked", "inputs": {"destination": ["2", 0], "source": ["4", 0], "x": 128, "y": 128, "resize_source": false}},
-        "6": {"class_type": "ImageScale", "inputs": {"image": ["5", 0], "upscale_method": "bilinear", "width": 256, "height": 256, "crop": "disabled"}},
-        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "smoke"}}
-    })
+    serde_json::from_str(MODEL_FREE_JSON).expect("tests/workflows/model-free.json is JSON")
 }
+
+/// `tests/workflows/model-free.json`, the one copy of that workflow.
+pub const MODEL_FREE_JSON: &str = include_str!("../workflows/model-free.json");

@@ -225,9 +225,19 @@ async fn bad_json_and_bad_prompts_are_refused() {
         ("arrays nested 10,000 deep", deep_array.into_bytes(), StatusCode::BAD_REQUEST, "nested too deeply"),
         ("objects nested 10,000 deep", deep_object.into_bytes(), StatusCode::BAD_REQUEST, "nested too deeply"),
         ("no prompt", b"{\"client_id\": \"x\"}".to_vec(), StatusCode::BAD_REQUEST, "No prompt provided"),
+        ("not an object", b"[1,2,3]".to_vec(), StatusCode::BAD_REQUEST, "must be a JSON object"),
+        ("a prompt that is not nodes", br#"{"prompt": [1, 2]}"#.to_vec(), StatusCode::BAD_REQUEST, "object of nodes"),
+        ("a node without class_type", br#"{"prompt": {"1": {"inputs": {}}}}"#.to_vec(), StatusCode::BAD_REQUEST, "class_type"),
     ];
     for (what, body, want, names) in cases {
         p.refused(&format!("POST prompt, {what}"), post("prompt", body), want, names).await;
+    }
+
+    // Participants that do not exist, with a real participant's code.
+    for (user, names) in [(9, "no participant 9"), (0, "no participant 0")] {
+        let url = p.url(&format!("/user/{user}/api/prompt"));
+        let request = p.http.post(url).bearer_auth(p.stack.code(2)).header("content-type", "application/json");
+        p.refused(&format!("POST prompt as participant {user}"), request.body(good.clone()), StatusCode::NOT_FOUND, names).await;
     }
 
     // The prompt: ComfyUI's own answers (shared/comfyui-samples/).

@@ -204,6 +204,19 @@ async fn a_certificate_that_cannot_be_served_stops_the_start_naming_the_file() {
         assert!(!ok, "started with {cert:?} / {key:?}");
         assert!(stderr.contains(names) && stderr.contains(problem), "{cert:?} / {key:?}: {stderr}");
     }
+
+    // Half a configuration (a certificate, no key) is a configuration error.
+    let out = tokio::process::Command::new(bin_path("gateway"))
+        .arg("serve")
+        .env("GATEWAY_TLS_CERT", &good.cert)
+        .env_remove("GATEWAY_TLS_KEY")
+        .env_remove("COMFY_MULTI_CONFIG")
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("GATEWAY_TLS_KEY"), "{stderr}");
 }
 
 #[tokio::test]

@@ -4,7 +4,7 @@
 //! by a dispatcher subscribed at that moment), so:
 //!
 //! - while the dispatcher is down: the restarted dispatcher stops the run
-//!   when it resumes following it (`run::resume`, and reconciliation);
+//!   when it reconciles at start (a live run of a cancelled job is stopped);
 //! - after a Redis outage: the subscription's connection dies with Redis but
 //!   its message stream does not end, so the dispatcher PINGs it with every
 //!   heartbeat, subscribes again when it is dead, and reconciles at once.

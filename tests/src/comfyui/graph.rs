@@ -212,15 +212,7 @@ mod tests {
     use super::*;
 
     fn model_free() -> Map<Json> {
-        let text = r#"{
-          "1": {"class_type": "EmptyImage", "inputs": {"width": 512, "height": 512, "batch_size": 1, "color": 16711680}},
-          "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
-          "3": {"class_type": "SolidMask", "inputs": {"value": 0.5, "width": 512, "height": 512}},
-          "4": {"class_type": "MaskToImage", "inputs": {"mask": ["3", 0]}},
-          "5": {"class_type": "ImageCompositeMasked", "inputs": {"destination": ["2", 0], "source": ["4", 0], "x": 128, "y": 128, "resize_source": false}},
-          "6": {"class_type": "ImageScale", "inputs": {"image": ["5", 0], "upscale_method": "bilinear", "width": 256, "height": 256, "crop": "disabled"}},
-          "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "smoke"}}
-        }"#;
+        let text = crate::comfyui::MODEL_FREE_JSON;
         match Json::parse(text.as_bytes()).unwrap() {
             Json::Object(o) => o,
             _ => unreachable!(),
